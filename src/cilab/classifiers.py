@@ -1,0 +1,143 @@
+"""Classifiers on the learned features, keyed by ``eval.classifiers``.
+
+All share one small interface: ``fit(FitData)`` then ``predict(features)``,
+where features are the raw 64-d outputs of ``model.features``. Every
+classifier of a run is evaluated on the same test features, extracted once
+per task. Those fitted on exemplars (all but ``fc``) see L2-normalised
+features and only the exemplars, so their classes are balanced (the study,
+section 4.2.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+
+CLASSIFIERS: Registry = Registry("classifier")
+
+
+@dataclass
+class FitData:
+    features: torch.Tensor  # exemplar features (raw), E x d
+    labels: torch.Tensor  # their output indices
+    head: torch.nn.Module  # the network's linear head
+    n_seen: int  # predictions are restricted to outputs [0, n_seen)
+    seed: int = 0
+
+
+class Classifier:
+    needs_memory = True
+    config_key: str | None = None  # the eval.<key> sub-section the constructor takes
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def fit(self, data: FitData) -> None:
+        raise NotImplementedError
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def build_classifier(name: str, eval_cfg) -> Classifier:
+    cls = CLASSIFIERS[name]
+    return cls(getattr(eval_cfg, cls.config_key) if cls.config_key else None)
+
+
+@CLASSIFIERS.register("fc")
+class FCClassifier(Classifier):
+    """The network's own head, arg-max over the seen outputs (iCaRL's "hybrid1")."""
+
+    needs_memory = False
+
+    def fit(self, data: FitData) -> None:
+        self.head, self.n_seen = data.head, data.n_seen
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.float())[:, : self.n_seen].argmax(1)
+
+
+@CLASSIFIERS.register("nme")
+class NMEClassifier(Classifier):
+    """Nearest mean of exemplars (iCaRL).
+
+    Class means are the means of the exemplars' L2-normalised features,
+    normalised again; a test feature, normalised, goes to the nearest mean.
+    On unit vectors the nearest mean is the one with the largest dot product,
+    so prediction is one matrix product and an arg-max on the device.
+    """
+
+    def fit(self, data: FitData) -> None:
+        f = F.normalize(data.features.float(), dim=1)
+        sums = torch.zeros(data.n_seen, f.shape[1], device=f.device).index_add_(0, data.labels, f)
+        counts = torch.bincount(data.labels, minlength=data.n_seen).clamp_min(1)
+        self.means = F.normalize(sums / counts[:, None], dim=1)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(features.float(), dim=1) @ self.means.T).argmax(1)
+
+
+class SklearnClassifier(Classifier):
+    """Fit a scikit-learn estimator on the exemplars' normalised features (on the CPU)."""
+
+    def make(self, seed: int):
+        raise NotImplementedError
+
+    def fit(self, data: FitData) -> None:
+        x = F.normalize(data.features.float(), dim=1).cpu().numpy()
+        self.est = self.make(data.seed).fit(x, data.labels.cpu().numpy())
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features.float(), dim=1).cpu().numpy()
+        return torch.as_tensor(np.asarray(self.est.predict(x)), dtype=torch.int64, device=features.device)
+
+
+@CLASSIFIERS.register("knn")
+class KNNClassifier(SklearnClassifier):
+    """k nearest exemplars vote (the study: k=5)."""
+
+    config_key = "knn"
+
+    def make(self, seed):
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(n_neighbors=self.cfg.k)
+
+
+@CLASSIFIERS.register("svm")
+class SVMClassifier(SklearnClassifier):
+    """Support vector machine (the study: RBF kernel, C=1)."""
+
+    config_key = "svm"
+
+    def make(self, seed):
+        from sklearn.svm import SVC
+
+        return SVC(kernel=self.cfg.kernel, C=self.cfg.C, random_state=seed)
+
+
+@CLASSIFIERS.register("mlp")
+class MLPClassifierOnFeatures(SklearnClassifier):
+    """One hidden ReLU layer trained with Adam (the study: lr 1e-3, 200 epochs)."""
+
+    config_key = "mlp"
+
+    def make(self, seed):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+
+        # 200 epochs is the study's fixed budget, not a convergence criterion.
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        return MLPClassifier(
+            hidden_layer_sizes=(self.cfg.hidden,), activation="relu", solver="adam",
+            learning_rate_init=self.cfg.lr, max_iter=self.cfg.epochs, random_state=seed,
+        )

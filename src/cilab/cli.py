@@ -1,0 +1,174 @@
+"""Command line: cilab run | demo (and the commands registered by other modules).
+
+Errors the user can fix (bad config, missing data, a run folder in the way)
+print one clear line and exit with status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, build_config, preset_names
+
+EXIT_USAGE = 2
+
+
+def _user_errors():
+    from .data import DatasetError
+    from .experiment import RunFolderError
+    from .trainer import NonFiniteLossError
+
+    return (ConfigError, DatasetError, RunFolderError, NonFiniteLossError)
+
+
+# -- cilab run ---------------------------------------------------------------------------
+
+
+def add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run one experiment from a preset",
+        description="Run one class-incremental experiment. PRESET is a preset name "
+        f"({', '.join(preset_names())}) or a YAML file; key=value pairs override config keys "
+        "(e.g. seed=1 train.epochs=30 data.name=digits).",
+    )
+    p.add_argument("preset", help="preset name or path to a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last completed task")
+    g.add_argument("--overwrite", action="store_true", help="delete what the run folder holds and start again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from .experiment import run
+
+    cfg = build_config(args.preset, args.overrides)
+    try:
+        metrics = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                      meta={"preset": args.preset, "overrides": list(args.overrides)})
+    except KeyboardInterrupt:
+        cmd = " ".join(["cilab", "run", shlex.quote(args.preset), *map(shlex.quote, args.overrides),
+                        "--out", shlex.quote(str(args.out)), "--resume"])
+        print(f"\ninterrupted; completed tasks are saved in {args.out}. Continue with:\n  {cmd}", file=sys.stderr)
+        return 130
+    print(format_run_table({args.out.name: metrics}))
+    print(f"results in {args.out}")
+    return 0
+
+
+def format_run_table(runs: dict[str, dict]) -> str:
+    """Accuracy after each task: one row per (run, classifier)."""
+    first = next(iter(runs.values()))
+    cpt, n = first["classes_per_task"], first["num_tasks"]
+    head = ["run", "clf"] + [str(cpt * (t + 1)) for t in range(n)] + ["avg", "final"]
+    rows = []
+    for name, m in runs.items():
+        for c in m["classifiers"]:
+            acc = m[c]["accuracy"]
+            rows.append([name, c] + [f"{a:.1f}" for a in acc] + [""] * (n - len(acc))
+                        + [f"{m[c]['average_incremental_accuracy']:.1f}", f"{m[c]['final_accuracy']:.1f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = ["accuracy (%) on all seen classes, by number of classes seen", fmt(head), fmt(["-" * w for w in widths])]
+    return "\n".join(lines + [fmt(r) for r in rows])
+
+
+# -- cilab demo --------------------------------------------------------------------------
+
+# The demo's settings: the bundled digits (10 classes, 5 tasks of 2), few epochs,
+# a memory that fits that small set. Everything else is the study's.
+DEMO_OVERRIDES = [
+    "data.name=digits", "scenario.num_tasks=5", "train.epochs=4", "train.milestones=[3]",
+    "train.batch_size=32", "train.lr=0.1",
+]
+DEMO_METHODS = {"finetune": [], "joint": [], "lwf": [], "icarl": ["memory.size=100"]}
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="fine-tuning, joint, LwF and iCaRL on the bundled digits",
+        description="Run every method on scikit-learn's digits (8x8 upsampled to 32x32; 5 tasks of 2 "
+        f"classes) with {' '.join(DEMO_OVERRIDES)}, print the accuracy table and draw demo.png.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run folders (default runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from . import results
+    from .experiment import run
+    from .plots import plot_comparison
+
+    start = time.perf_counter()
+    runs = {}
+    for method, extra in DEMO_METHODS.items():
+        overrides = DEMO_OVERRIDES + extra + list(args.overrides)
+        cfg = build_config(method, overrides)
+        folder = args.out / method
+        if results.is_complete(folder) and results.read_metrics(folder).get("overrides") == overrides:
+            runs[method] = results.read_metrics(folder)  # already done: a second `make demo` is instant
+            continue
+        print(f"== {method}")
+        runs[method] = run(cfg, folder, overwrite=True, progress=not args.quiet,
+                           meta={"preset": method, "overrides": overrides})
+    plot = plot_comparison(runs, args.out / "demo.png", "cilab demo: digits, 5 tasks of 2 classes")
+    print()
+    print(format_run_table(runs))
+    print(f"\nrun folders and plot in {args.out} ({plot.name}); {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------
+
+PARSERS = [add_run_parser, add_demo_parser]
+# Modules that add a command through an ``add_parser(sub)`` function.
+COMMAND_MODULES = ["reproduce", "report", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cilab", description="Class-incremental learning: fine-tuning, joint, LwF, iCaRL and the study's ablations."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"cilab.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"cilab.{name}":
+                raise
+            continue  # command not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may come before or after options (argparse stops a
+    # positional list at the first option), so collect the leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"cilab: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Typed configuration: dataclass defaults, YAML presets, ``key=value`` overrides.
+
+Resolution order: dataclass defaults (the study's iCaRL settings) <- preset YAML
+(which may ``extends:`` another preset) <- command-line overrides. Everything is
+validated before any data is loaded or any training starts, and every error
+names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar100"  # cifar100 | digits | npz
+    root: str = "~/.cache/cilab"  # where datasets are found or downloaded
+    path: str | None = None  # npz file with x_train, y_train, x_test, y_test
+    download: bool = True
+
+
+@dataclass
+class ScenarioConfig:
+    num_tasks: int = 10  # classes split evenly in the seeded order
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 70
+    batch_size: int = 128
+    lr: float = 2.0
+    milestones: list[int] = field(default_factory=lambda: [49, 63])
+    gamma: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-5
+    augment: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on cuda, off on cpu) | bf16 | off
+    channels_last: str = "auto"  # auto (= on; faster on CUDA and CPU) | on | off
+    compile: bool = False  # torch.compile the model
+    log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
+
+
+@dataclass
+class LossConfig:
+    classification: str = "bce"  # bce | ce | mse
+    distillation: str = "bce"  # bce | mse | none
+
+
+@dataclass
+class DeepInversionConfig:
+    init: str = "noise"  # noise | random | herding
+    adaptive: bool = False
+    iterations: int = 300
+    lr: float = 0.05
+    alpha_tv: float = 2.5e-5
+    alpha_l2: float = 1.0e-8
+    alpha_f: float = 5.0
+    alpha_c: float = 10.0
+    batch_size: int = 0  # images synthesised at once; 0 = fit to device memory
+
+
+@dataclass
+class MemoryConfig:
+    size: int = 2000  # K, total exemplars; 0 = no exemplars
+    selection: str = "herding"  # herding | random
+    kind: str = "real"  # real | collage-resized | collage-random-crop | collage-center-crop | deepinversion
+    deepinversion: DeepInversionConfig = field(default_factory=DeepInversionConfig)
+
+
+@dataclass
+class KNNConfig:
+    k: int = 5
+
+
+@dataclass
+class SVMConfig:
+    kernel: str = "rbf"
+    C: float = 1.0
+
+
+@dataclass
+class MLPConfig:
+    hidden: int = 100
+    lr: float = 1.0e-3
+    epochs: int = 200
+
+
+@dataclass
+class EvalConfig:
+    classifiers: list[str] = field(default_factory=lambda: ["nme", "fc"])
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    batch_size: int = 1024  # feature extraction batch
+
+
+@dataclass
+class Config:
+    method: str = "icarl"  # finetune | joint | lwf | icarl
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys are listed in the README (Configuration).")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `eval.classifiers=nme` means [nme]
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {hint} for {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            full = prefix + key
+            while isinstance(value, dict) and value:  # name the whole dotted key
+                sub, value = next(iter(value.items()))
+                full += "." + sub
+            raise _unknown_key(full)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{name}' is a section; set its keys, e.g. {prefix}{name}.<key>=...")
+            kwargs[name] = from_dict(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=5`` -> ("train.epochs", 5); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# presets
+
+
+def preset_names() -> list[str]:
+    files = resources.files("cilab") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml") and p.name != "groups.yaml")
+
+
+def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset by name (``icarl``) or a YAML file path; ``extends:`` chains are followed."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    else:
+        res = resources.files("cilab") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file() or name_or_path == "groups":
+            close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown preset '{name_or_path}'.{hint} Available: {', '.join(preset_names())}; "
+                "or pass a path to a YAML file."
+            )
+        text = res.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{name_or_path}' must be a YAML mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        if parent in _seen:
+            raise ConfigError(f"preset '{name_or_path}' extends itself through {' -> '.join(_seen)}")
+        data = deep_merge(load_preset_dict(parent, _seen + (name_or_path,)), data)
+    return data
+
+
+def build_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- preset <- overrides, validated."""
+    data = load_preset_dict(preset) if preset else {}
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else overrides_to_dict(list(overrides))
+        data = deep_merge(data, extra)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# validation: everything that can be checked without loading data
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{key}' is '{value}', which is not one of: {', '.join(allowed)}.{hint}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"'{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    # Imported here: the registries import config for their sub-config types.
+    from .classifiers import CLASSIFIERS
+    from .data.datasets import DATASETS
+    from .losses import CLASSIFICATION_LOSSES, DISTILLATION_LOSSES
+    from .memory import EXEMPLAR_BUILDERS, SELECTIONS
+    from .methods import METHODS
+    from .models import MODELS
+
+    _choice("method", cfg.method, METHODS)
+    _choice("data.name", cfg.data.name, DATASETS)
+    if cfg.data.name == "npz" and not cfg.data.path:
+        raise ConfigError("data.name=npz needs data.path=/path/to/file.npz (arrays x_train, y_train, x_test, y_test)")
+    _choice("model.name", cfg.model.name, MODELS)
+    _positive("scenario.num_tasks", cfg.scenario.num_tasks)
+    _positive("seed", cfg.seed, zero_ok=True)
+
+    t = cfg.train
+    _positive("train.epochs", t.epochs)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    _positive("train.gamma", t.gamma)
+    _positive("train.momentum", t.momentum, zero_ok=True)
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.log_every", t.log_every)
+    for m in t.milestones:
+        if not 0 < m < t.epochs:
+            raise ConfigError(
+                f"'train.milestones' has {m}, outside 1..{t.epochs - 1} (train.epochs={t.epochs}); "
+                "lower the milestones, e.g. train.milestones=[] or [3,4]"
+            )
+    if list(t.milestones) != sorted(t.milestones):
+        raise ConfigError(f"'train.milestones' must be increasing, got {t.milestones}")
+    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    _choice("train.amp", t.amp, ["auto", "bf16", "off"])
+    _choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
+
+    _choice("loss.classification", cfg.loss.classification, CLASSIFICATION_LOSSES)
+    _choice("loss.distillation", cfg.loss.distillation, DISTILLATION_LOSSES)
+
+    mem = cfg.memory
+    _positive("memory.size", mem.size, zero_ok=True)
+    _choice("memory.selection", mem.selection, SELECTIONS)
+    _choice("memory.kind", mem.kind, EXEMPLAR_BUILDERS)
+    di = mem.deepinversion
+    _choice("memory.deepinversion.init", di.init, ["noise", "random", "herding"])
+    _positive("memory.deepinversion.iterations", di.iterations)
+    _positive("memory.deepinversion.lr", di.lr)
+    for k in ("alpha_tv", "alpha_l2", "alpha_f", "alpha_c"):
+        _positive(f"memory.deepinversion.{k}", getattr(di, k), zero_ok=True)
+    _positive("memory.deepinversion.batch_size", di.batch_size, zero_ok=True)
+
+    ev = cfg.eval
+    if not ev.classifiers:
+        raise ConfigError("'eval.classifiers' is empty; choose any of: " + ", ".join(CLASSIFIERS))
+    for i, c in enumerate(ev.classifiers):
+        _choice(f"eval.classifiers[{i}]", c, CLASSIFIERS)
+    if len(set(ev.classifiers)) != len(ev.classifiers):
+        raise ConfigError(f"'eval.classifiers' lists a classifier twice: {ev.classifiers}")
+    _positive("eval.knn.k", ev.knn.k)
+    _positive("eval.svm.C", ev.svm.C)
+    _choice("eval.svm.kernel", ev.svm.kernel, ["rbf", "linear", "poly", "sigmoid"])
+    _positive("eval.mlp.hidden", ev.mlp.hidden)
+    _positive("eval.mlp.lr", ev.mlp.lr)
+    _positive("eval.mlp.epochs", ev.mlp.epochs)
+    _positive("eval.batch_size", ev.batch_size)
+
+    # Combinations: the method decides which parts of the config make sense.
+    METHODS[cfg.method].check(cfg)
+    needs_memory = [c for c in ev.classifiers if CLASSIFIERS[c].needs_memory]
+    if needs_memory and mem.size == 0:
+        raise ConfigError(
+            f"classifiers {needs_memory} are fitted on exemplars but memory.size=0; "
+            "use eval.classifiers=[fc] or a method with memory (icarl)"
+        )

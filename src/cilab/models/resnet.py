@@ -1,0 +1,81 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2): 3 stages of n basic blocks, 16/32/64 channels.
+
+ResNet-32 is n=5 (6n+2 = 32 layers, ~0.46M parameters). Shortcuts that change
+shape subsample and zero-pad the channels ("option A"), as in the original
+CIFAR ResNets and iCaRL, so the parameter count stays that of the paper.
+The study: "We consider the network up to the last layer as a feature
+extractor ... an output of 64x1 which is given to the last fully connected
+layer ... made of 100 outputs from the beginning".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            shortcut = x[:, :, :: self.stride, :: self.stride]
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class ResNetCifar(nn.Module):
+    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.feature_dim = cin
+        self.head = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (normalised) -> 64-d feature vectors."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@MODELS.register("resnet32")
+def resnet32(num_classes: int) -> ResNetCifar:
+    return ResNetCifar(5, num_classes)
+
+
+@MODELS.register("resnet20")
+def resnet20(num_classes: int) -> ResNetCifar:
+    return ResNetCifar(3, num_classes)
+
+
+def create_model(cfg, num_classes: int) -> nn.Module:
+    """``cfg`` is the ``model`` section."""
+    return MODELS[cfg.name](num_classes)
