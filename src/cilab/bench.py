@@ -1,0 +1,257 @@
+"""Benchmarks: training throughput against its ceiling and a reference pipeline, and protocol wall time.
+
+``cilab bench throughput`` measures, in one process on one device, training
+images per second of
+  (a) the bare step: forward, backward and SGD step of the model on one fixed
+      random batch (the ceiling for this model on this device),
+  (b) cilab's trainer (trainer.train_task) on CIFAR-shaped uint8 data with
+      augmentation and exemplars mixed in,
+  (c) the common reference pipeline: a Dataset of PIL images with torchvision
+      transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
+      Normalize) through torch.utils.data.DataLoader with workers, feeding
+      the same model and step;
+and the ratios b/a and b/c. All three use the same model, memory format,
+autocast and loss (the first task's BCE, no distillation, so the three do
+the same arithmetic per image).
+
+``cilab bench protocol`` times a whole iCaRL run (training, memory, evaluation).
+
+Both print one JSON object (and write it with --out). With no real data they
+use random CIFAR-shaped data, which costs the same to train on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import build_config
+from .data.loader import BatchLoader, Normalizer
+from .experiment import resolve_amp, resolve_channels_last, resolve_device
+from .losses import Criterion
+from .models import create_model
+from .trainer import autocast_for, make_step, train_task
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_info(device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _setup(train_overrides: list[str]):
+    cfg = build_config("icarl", ["data.name=digits", *train_overrides])
+    device = resolve_device(cfg.train)
+    amp = resolve_amp(cfg.train, device)
+    channels_last = resolve_channels_last(cfg.train, device)
+    return cfg, device, amp, channels_last
+
+
+def _model(cfg, device, channels_last, num_classes=100):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(cfg.model, num_classes).to(device, memory_format=fmt)
+    return torch.compile(model) if cfg.train.compile else model
+
+
+def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.arange(n) % num_classes
+    return x, y
+
+
+def bare_step(cfg, device, amp, channels_last, steps: int, warmup: int) -> float:
+    """(a) images/s of forward+backward+step on one fixed batch already on the device."""
+    model = _model(cfg, device, channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+    crit = Criterion(cfg.loss.classification, "none", 0, 10)
+    step = make_step(model, opt, crit, None, autocast_for(device, amp))
+    bs = cfg.train.batch_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(bs, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (bs,), device=device)
+    for _ in range(warmup):
+        step(x, y)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    _sync(device)
+    return steps * bs / (time.perf_counter() - t)
+
+
+def cilab_trainer(cfg, device, amp, channels_last, n_task: int, n_exemplars: int, epochs: int) -> float:
+    """(b) images/s of trainer.train_task on uint8 data on the device, augmented, exemplars mixed in."""
+    x, y = _random_cifar(n_task + n_exemplars, 10)
+    x, y = x.to(device), y.to(device)
+    normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    loader = BatchLoader(x, y, cfg.train.batch_size, normalizer, True, gen, channels_last)
+    model = _model(cfg, device, channels_last)
+    crit = Criterion(cfg.loss.classification, "none", 0, 10)
+    train_cfg = cfg.train
+    # one warm-up epoch (allocator, kernels, compile), then the timed epochs
+    train_cfg.epochs, train_cfg.milestones = 1, []
+    train_task(model, loader, train_cfg, crit, None, 0, device, amp, progress=False)
+    _sync(device)
+    train_cfg.epochs = epochs
+    t = time.perf_counter()
+    images = train_task(model, loader, train_cfg, crit, None, 0, device, amp, progress=False)
+    _sync(device)
+    return images / (time.perf_counter() - t)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """CIFAR-like: HWC uint8 arrays -> PIL image -> transforms, per image (torchvision.datasets.CIFAR100 does this)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_pipeline(cfg, device, amp, channels_last, n: int, epochs: int, workers: int) -> float:
+    """(c) images/s of the DataLoader + PIL transforms pipeline feeding the same model and step."""
+    from torchvision import transforms
+
+    x, y = _random_cifar(n, 10)
+    tf = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    ])
+    ds = _PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    model = _model(cfg, device, channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+    crit = Criterion(cfg.loss.classification, "none", 0, 10)
+    step = make_step(model, opt, crit, None, autocast_for(device, amp))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def epoch() -> int:
+        seen = 0
+        for xb, yb in loader:
+            xb = xb.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            step(xb, yb.to(device, non_blocking=True))
+            seen += len(yb)
+        return seen
+
+    epoch()  # warm-up: workers started, kernels chosen
+    _sync(device)
+    t = time.perf_counter()
+    images = sum(epoch() for _ in range(epochs))
+    _sync(device)
+    return images / (time.perf_counter() - t)
+
+
+def throughput(args) -> dict:
+    cfg, device, amp, channels_last = _setup(args.overrides)
+    a = bare_step(cfg, device, amp, channels_last, args.steps, warmup=3)
+    b = cilab_trainer(cfg, device, amp, channels_last, args.images, args.exemplars, args.epochs)
+    c = reference_pipeline(cfg, device, amp, channels_last, args.images + args.exemplars, args.epochs, args.workers)
+    return {
+        "benchmark": "throughput", **_device_info(device), "amp": amp, "channels_last": channels_last,
+        "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "images_per_epoch": args.images + args.exemplars, "epochs": args.epochs, "workers": args.workers,
+        "a_bare_step_img_s": a, "b_cilab_trainer_img_s": b, "c_reference_dataloader_img_s": c,
+        "b_over_a": b / a, "b_over_c": b / c,
+    }
+
+
+def protocol(args) -> dict:
+    """Wall time of a whole iCaRL run on CIFAR-100 if present, else random CIFAR-shaped data."""
+    from .experiment import run
+
+    overrides = [f"scenario.num_tasks={args.tasks}", f"train.epochs={args.epochs}", "eval.classifiers=[nme,fc]",
+                 *args.overrides]
+    if args.epochs <= 63 and not any(o.startswith("train.milestones") for o in overrides):
+        # the study's milestones (49, 63) scaled to the epochs asked for
+        overrides.append(f"train.milestones=[{max(1, round(args.epochs * 0.7))}]" if args.epochs > 1 else "train.milestones=[]")
+    with tempfile.TemporaryDirectory() as tmp:
+        from .data import DatasetError, load_dataset
+
+        data = ["data.download=false"]
+        try:
+            load_dataset(build_config("icarl", overrides + data).data)
+            source = "cifar100"
+        except DatasetError:
+            # random CIFAR-shaped data: 100 classes, 500 train / 100 test images each
+            path = Path(tmp) / "random_cifar.npz"
+            rng = np.random.default_rng(0)
+            per = args.train_per_class
+            np.savez(path, x_train=rng.integers(0, 256, (100 * per, 32, 32, 3), dtype=np.uint8),
+                     y_train=np.arange(100 * per) % 100,
+                     x_test=rng.integers(0, 256, (100 * max(1, per // 5), 32, 32, 3), dtype=np.uint8),
+                     y_test=np.arange(100 * max(1, per // 5)) % 100)
+            data = ["data.name=npz", f"data.path={path}"]
+            source = f"random CIFAR-shaped ({per} train images per class)"
+        cfg = build_config("icarl", overrides + data)
+        t = time.perf_counter()
+        m = run(cfg, Path(tmp) / "run", progress=not args.quiet)
+        wall = time.perf_counter() - t
+    tm = m["timing"]
+    return {
+        "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
+        "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
+        "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
+        "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
+        "train_images_per_s": m["train_images_per_s"],
+        "final_accuracy_nme": m["nme"]["final_accuracy"],
+    }
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and protocol benchmarks (JSON out)",
+                       description="Benchmarks; each prints one JSON object. See the README, section Speed.")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)")
+    t.add_argument("--steps", type=int, default=20, help="timed bare steps (a)")
+    t.add_argument("--images", type=int, default=5000, help="task images per epoch for (b) and (c), plus --exemplars")
+    t.add_argument("--exemplars", type=int, default=2000, help="exemplars mixed into the task data")
+    t.add_argument("--epochs", type=int, default=1, help="timed epochs for (b) and (c)")
+    t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
+    t.add_argument("--out", type=Path, help="also write the JSON here")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.device, train.amp, ...)")
+    t.set_defaults(func=_cmd(throughput))
+    q = bsub.add_parser("protocol", help="wall time of a whole iCaRL run, split into training, memory, evaluation")
+    q.add_argument("--tasks", type=int, default=10)
+    q.add_argument("--epochs", type=int, default=70)
+    q.add_argument("--train-per-class", type=int, default=500, help="images per class of the random stand-in data")
+    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--out", type=Path, help="also write the JSON here")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    q.set_defaults(func=_cmd(protocol))
+
+
+def _cmd(fn):
+    def run_bench(args) -> int:
+        result = fn(args)
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        return 0
+
+    return run_bench
