@@ -24,6 +24,7 @@ def test_overrides_are_typed():
                                  "eval.classifiers=nme", "data.name=digits"])
     assert cfg.seed == 3 and cfg.train.epochs == 5 and cfg.train.milestones == [2, 4]
     assert isinstance(cfg.train.lr, float) and cfg.eval.classifiers == ["nme"]
+    assert build_config("icarl", ["train.weight_decay=1e-4"]).train.weight_decay == 1e-4  # YAML reads "1e-4" as text
 
 
 @pytest.mark.parametrize("override, message", [
