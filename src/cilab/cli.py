@@ -53,9 +53,15 @@ def cmd_run(args) -> int:
         metrics = run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                       meta={"preset": args.preset, "overrides": list(args.overrides)})
     except KeyboardInterrupt:
+        from . import results
+
+        # Ctrl-C: the experiment has already saved what is complete (and marked
+        # metrics.json 'interrupted'); say how far it got and how to go on.
         cmd = " ".join(["cilab", "run", shlex.quote(args.preset), *map(shlex.quote, args.overrides),
                         "--out", shlex.quote(str(args.out)), "--resume"])
-        print(f"\ninterrupted; completed tasks are saved in {args.out}. Continue with:\n  {cmd}", file=sys.stderr)
+        last = results.last_checkpoint(args.out) if args.out.is_dir() else None
+        done = f"{last[0] + 1} completed task(s) are saved in {args.out}" if last else "no task was completed yet"
+        print(f"\ninterrupted; {done}. Continue with:\n  {cmd}", file=sys.stderr)
         return 130
     print(format_run_table({args.out.name: metrics}))
     print(f"results in {args.out}")
@@ -84,8 +90,8 @@ def format_run_table(runs: dict[str, dict]) -> str:
 # The demo's settings: the bundled digits (10 classes, 5 tasks of 2), few epochs,
 # a memory that fits that small set. Everything else is the study's.
 DEMO_OVERRIDES = [
-    "data.name=digits", "scenario.num_tasks=5", "train.epochs=4", "train.milestones=[3]",
-    "train.batch_size=32", "train.lr=0.1",
+    "data.name=digits", "scenario.num_tasks=5", "train.epochs=3", "train.milestones=[2]",
+    "train.batch_size=16", "train.lr=0.2",
 ]
 DEMO_METHODS = {"finetune": [], "joint": [], "lwf": [], "icarl": ["memory.size=100"]}
 

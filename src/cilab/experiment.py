@@ -11,9 +11,16 @@ For each task t:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import pickle
 import shutil
+import signal
+import threading
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +31,7 @@ from tqdm.auto import tqdm
 from . import results
 from .classifiers import FitData, build_classifier
 from .config import Config, ConfigError
-from .data import BatchLoader, Scenario, load_dataset
+from .data import BatchLoader, DatasetError, Scenario, load_dataset
 from .data.loader import Normalizer
 from .evaluation import accuracy, confusion_matrix, extract_features, summarize, task_accuracies
 from .losses import Criterion
@@ -61,8 +68,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_run_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber results; check a resumed run has the same config."""
+def check_run_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber results; check a resumed run has the same config.
+
+    Only looks, never changes anything: returns whether the folder must be
+    emptied (``overwrite`` of a non-empty run folder), which ``run`` does once
+    everything else that can refuse the run has been checked, so that a run
+    refused for another reason never costs the previous results.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} exists and is not a folder")
@@ -70,20 +83,34 @@ def prepare_run_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) ->
     if resume:
         saved = out / results.CONFIG
         if saved.exists():
-            from .config import config_from_dict
             import yaml
 
-            old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+            from .config import config_from_dict
+
+            try:
+                old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+            except (yaml.YAMLError, ConfigError) as e:
+                raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
             if old != cfg:
                 diff = _config_diff(old.to_dict(), cfg.to_dict())
                 raise RunFolderError(f"cannot resume {out}: its config differs ({diff}); rerun with the same preset and overrides")
-        return
+        return False
     if non_empty and not overwrite:
         raise RunFolderError(
             f"{out} already holds results; pass --resume to continue it or --overwrite to start again, or choose another --out"
         )
-    if non_empty and overwrite:
-        shutil.rmtree(out)
+    if non_empty and not _looks_like_run_folder(out):
+        # --overwrite deletes the whole folder: never do that to a folder cilab did not make
+        # (a mistyped --out pointing at a home or data folder).
+        raise RunFolderError(
+            f"{out} is not empty and is not a run folder (no {results.CONFIG}, {results.METRICS} or "
+            f"{results.CHECKPOINTS}/); --overwrite only replaces run folders. Choose another --out."
+        )
+    return non_empty
+
+
+def _looks_like_run_folder(out: Path) -> bool:
+    return any((out / name).exists() for name in (results.CONFIG, results.METRICS, results.CHECKPOINTS))
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
@@ -106,16 +133,89 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     """
     out = Path(out)
     log = log or (lambda msg: tqdm.write(msg))
-    prepare_run_folder(out, cfg, resume, overwrite)
+    # Everything that can refuse the run is checked before the run folder is
+    # touched: the folder first (cheap, before loading data), then the device,
+    # the data and the task split.
+    clear = check_run_folder(out, cfg, resume, overwrite)
     device = resolve_device(cfg.train)  # refuses cuda without a GPU before any work
-    data = load_dataset(cfg.data)  # refuses missing / broken data before any work
+    data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
         scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if clear:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in results.remove_temp_files(out):  # left by a process killed mid-write
+        log(f"removed {stale}, an unfinished write of a killed run")
     results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
     return Protocol(cfg, out, data, scenario, device, progress, position, meta or {}, log).run(resume)
+
+
+def _load_data(data_cfg):
+    try:
+        return load_dataset(data_cfg)
+    except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError) as e:
+        # The loaders name the problems they expect; a file cut short or with
+        # flipped bits surfaces instead from deep inside zipfile / numpy /
+        # pickle, and must still be refused with a message, not a traceback.
+        where = data_cfg.path if data_cfg.name == "npz" else data_cfg.root
+        raise DatasetError(
+            f"the {data_cfg.name} data in '{where}' is damaged ({type(e).__name__}: {e}); "
+            "replace it with an intact copy (or delete it and let it download again)"
+        ) from e
+
+
+class _InterruptWatch:
+    """Counts the Ctrl-Cs of a run, and passes each on to the handler in place.
+
+    Python delivers Ctrl-C as a KeyboardInterrupt raised wherever the main
+    thread happens to be, and a few C paths swallow it (seen in
+    copy.deepcopy of a torch module, about once in a hundred tries), so a
+    Ctrl-C could go unheard. The count is checked after each task: such a
+    Ctrl-C still stops the run, at the latest once the task under way is saved.
+    Only a Python handler is wrapped: an ignored Ctrl-C (SIG_IGN) stays ignored.
+    """
+
+    def __enter__(self) -> "_InterruptWatch":
+        self.count = 0
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.active = threading.current_thread() is threading.main_thread() and callable(self.previous)
+        if self.active:
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.count += 1
+        self.previous(signum, frame)
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back while the block runs, then deliver it as usual.
+
+    Signal handlers can only be set from the main thread; elsewhere (a run in
+    a worker thread) the block runs unprotected.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # None: a handler set outside Python, which could not be put back
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):  # Python's default handler raises KeyboardInterrupt
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class Protocol:
@@ -157,21 +257,35 @@ class Protocol:
     # -- checkpointing -------------------------------------------------------------------
 
     def _restore(self) -> int:
-        """Load the latest completed task; returns the index of the next task."""
+        """Load the latest completed task; returns the index of the next task.
+
+        The checkpoint holds everything the next task depends on: the model
+        (which is also the frozen old model for distillation, since that is
+        the previous task's model), the exemplars, both generators' states and
+        the metrics so far, so the resumed run computes what the uninterrupted
+        one would have (same device).
+        """
         found = results.last_checkpoint(self.out)
         if found is None:
+            self.log(f"nothing to resume in {self.out} (no completed task); starting from task 1")
             return 0
         task, path = found
         state = results.load_checkpoint(path)
+        if state.get("class_order") != self.scenario.class_order or task >= self.scenario.num_tasks:
+            raise RunFolderError(f"cannot resume from {path}: it was made for another class order or task split")
         self.model.load_state_dict(state["model"])
         self.memory = ExemplarMemory.from_state_dict(state["memory"], self.device)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.metrics = state["metrics"]
-        conf = self.out / results.CONFUSION
-        if conf.exists():
-            with np.load(conf) as z:
-                self.confusion = {k: z[k] for k in z.files}
+        if "confusion" in state:
+            self.confusion = dict(state["confusion"])
+        else:  # checkpoints written before the confusion matrices moved into them
+            conf = self.out / results.CONFUSION
+            if conf.exists():
+                with np.load(conf) as z:
+                    self.confusion = {k: z[k] for k in z.files}
+        self._saved_metrics = copy.deepcopy(self.metrics)
         self.log(f"resuming {self.out} after task {task + 1}/{self.scenario.num_tasks}")
         return task + 1
 
@@ -179,24 +293,39 @@ class Protocol:
         state = {
             "task": task, "model": self.model.state_dict(), "memory": self.memory.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "metrics": self.metrics, "class_order": self.scenario.class_order,
+            "metrics": self.metrics, "confusion": self.confusion, "class_order": self.scenario.class_order,
         }
-        results.atomic_torch_save(results.checkpoint_path(self.out, task), state)
-        results.atomic_savez(self.out / results.CONFUSION, self.confusion)
-        results.atomic_write_json(self.out / results.METRICS, self.metrics)
+        # The checkpoint is the commit point and holds everything a resume
+        # needs (confusion matrices included); confusion.npz and metrics.json
+        # are views of it written after, so a kill between the writes loses
+        # nothing: the resumed run rewrites them. Ctrl-C is held back until all
+        # three are written, so an interrupted run's files always agree.
+        with _sigint_deferred():
+            results.atomic_torch_save(results.checkpoint_path(self.out, task), state)
+            self._saved_metrics = copy.deepcopy(self.metrics)
+            results.atomic_savez(self.out / results.CONFUSION, self.confusion)
+            results.atomic_write_json(self.out / results.METRICS, self.metrics)
 
     # -- the protocol ---------------------------------------------------------------------
 
     def run(self, resume: bool) -> dict:
+        self._saved_metrics: dict | None = None  # metrics as of the last checkpoint
         start = self._restore() if resume else 0
         try:
-            for t in range(start, self.scenario.num_tasks):
-                self.run_task(t)
+            with _InterruptWatch() as ctrl_c:
+                for t in range(start, self.scenario.num_tasks):
+                    self.run_task(t)
+                    if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved
+                        raise KeyboardInterrupt
         except BaseException as e:
             # Completed tasks stay saved; metrics.json says why the run stopped.
-            self.metrics["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
-            if self.metrics["completed_tasks"]:
-                results.atomic_write_json(self.out / results.METRICS, self.metrics)
+            # It is written from the last checkpoint's metrics, not the live
+            # ones, which may hold part of the failed task (an accuracy
+            # appended for one classifier but not the next, its timing).
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
+            self.metrics["status"] = status
+            if self._saved_metrics is not None:
+                results.atomic_write_json(self.out / results.METRICS, {**self._saved_metrics, "status": status})
             raise
         self.metrics["status"] = "complete"
         results.atomic_write_json(self.out / results.METRICS, self.metrics)

@@ -21,8 +21,9 @@ class ExemplarMemory:
         return self.size // n_seen if n_seen else 0
 
     def reduce(self, m: int) -> None:
+        # clone: a slice would keep (and torch.save would write) the whole old tensor
         for c in self.per_class:
-            self.per_class[c] = self.per_class[c][:m]
+            self.per_class[c] = self.per_class[c][:m].clone()
 
     def add(self, label: int, images: torch.Tensor) -> None:
         if images.dtype != torch.uint8:
