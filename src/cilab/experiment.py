@@ -408,7 +408,7 @@ class Protocol:
             cfg=self.cfg.memory, model=self.model.eval(),
             features=lambda x: torch.nn.functional.normalize(self.features(x), dim=1),
             normalizer=self.normalizer, generator=self.generator, num_classes=self.scenario.num_classes,
-            log=self.log,
+            log=self.log, progress=self.progress,
         )
         built = EXEMPLAR_BUILDERS[self.cfg.memory.kind](ctx, new, m)
         for c, imgs in built.items():

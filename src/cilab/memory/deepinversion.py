@@ -396,7 +396,7 @@ def build_deepinversion(ctx: BuildContext, class_images: dict[int, torch.Tensor]
         n_chunks = -(-total // size)
         size = -(-total // n_chunks)  # equal chunks
         bar = tqdm(total=n_chunks * cfg.iterations, desc="deepinversion", unit="it", leave=False,
-                   disable=None if getattr(ctx, "progress", True) else True, dynamic_ncols=True)
+                   disable=None if ctx.progress else True, dynamic_ncols=True)
         try:
             out = []
             for i in range(0, total, size):

@@ -24,6 +24,7 @@ class BuildContext:
     generator: torch.Generator  # seeded, on the device
     num_classes: int  # outputs of the network
     log: Callable[[str], None] = print
+    progress: bool = True  # show progress bars (long builders such as DeepInversion)
 
 
 def _pad_classes(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
