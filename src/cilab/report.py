@@ -1,0 +1,713 @@
+"""``cilab report RUN_DIR... --out DIR``: run folders -> tables and figures, aggregated over seeds.
+
+Runs are grouped into *variants*: same preset and same overrides, ``seed=...``
+aside (overrides are compared by key and parsed value, so ``train.lr=0.10``
+and ``train.lr=0.1`` are one variant, whatever their order). Only complete
+runs enter the aggregates; failed and incomplete ones are listed in report.md
+as such.
+
+Spread over seeds is the *sample* standard deviation (ddof=1), the usual
+estimate from a handful of seeds; it is undefined with one seed, which the
+tables show as a bare mean (an empty ``*_std`` cell in summary.csv) and the
+figures as a line without error bars.
+
+Written into ``--out``:
+
+- report.md: runs and their status, the summary table, accuracy after each task, figures;
+- summary.csv: per variant and classifier, mean and std of the average incremental
+  accuracy, the final accuracy and the forgetting, with the number of seeds;
+- curves.csv: per variant, classifier and task, mean and std of the accuracy on all
+  seen classes and of the current task's accuracy;
+- accuracy.png: accuracy vs number of classes seen (the study's figures 1, 3, 7);
+- current_task_accuracy.png: accuracy on the current task's classes vs task (figure 5, right);
+- confusion_<run>_<classifier>.png: confusion matrix after the last task (figure 2);
+- tsne.png: features of 5 classes of the first task, training images light and
+  exemplars deep, after tasks 1, 5 and the last (figures 4 and 9), recomputed from
+  the checkpoints, without retraining;
+- exemplars_<run>_task<NN>.png: the exemplars held after a task, one row per class.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from . import results
+from .config import ConfigError, parse_override
+
+SUMMARY_FIELDS = [
+    "variant", "preset", "overrides", "classifier", "n_seeds", "seeds",
+    "avg_inc_acc_mean", "avg_inc_acc_std", "final_acc_mean", "final_acc_std",
+    "forgetting_mean", "forgetting_std", "runs",
+]
+CURVE_FIELDS = ["variant", "classifier", "task", "classes_seen", "n_seeds", "accuracy_mean", "accuracy_std",
+                "current_task_accuracy_mean", "current_task_accuracy_std"]
+REPORT_FILES = ("report.md", "summary.csv", "curves.csv", "accuracy.png", "current_task_accuracy.png", "tsne.png",
+                "confusion_*.png", "exemplars_*_task*.png")
+STD_DDOF = 1  # sample standard deviation over seeds (see module doc)
+TSNE_CLASSES = 5  # "Five class of the first task are chosen" (the study, figure 4)
+TSNE_TASKS = (1, 5, 10)  # "at task 1, 5 and 10"; clamped to the run's tasks, the last one always drawn
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+# -- reading run folders -----------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict | None
+    status: str  # "complete" | "failed: ..." | "incomplete: ..." | "unreadable: ..."
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def seed(self):
+        return (self.metrics or {}).get("seed")
+
+    @property
+    def has_memory(self) -> bool:
+        m = self.metrics or {}
+        return any(m.get("memory_total") or [])
+
+
+def _is_run_folder(p: Path) -> bool:
+    return (p / results.METRICS).exists() or (p / results.CONFIG).exists()
+
+
+def find_run_folders(paths: list[str | Path]) -> list[Path]:
+    """Each path is a run folder, or a folder holding run folders (searched recursively)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f"{p} is not a folder")
+        if _is_run_folder(p):
+            found.append(p)
+            continue
+        inner = sorted({q.parent for pat in (results.METRICS, results.CONFIG) for q in p.rglob(pat)})
+        if not inner:
+            raise ReportError(f"{p} is neither a run folder nor holds any (no {results.METRICS} or {results.CONFIG})")
+        found += inner
+    unique, seen = [], set()
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        m = results.read_metrics(path)
+    except FileNotFoundError:
+        return Run(path, None, "incomplete: no task finished (no metrics.json)")
+    except (OSError, ValueError) as e:
+        return Run(path, None, f"unreadable: {e}")
+    status = str(m.get("status", "unknown"))
+    if status == "complete":
+        missing = [k for k in ("classifiers", "classes_per_task", "num_tasks") if k not in m]
+        missing += [f"{c}.{k}" for c in m.get("classifiers", []) for k in
+                    ("accuracy", "current_task_accuracy", "average_incremental_accuracy", "final_accuracy", "forgetting")
+                    if k not in m.get(c, {})]
+        if missing:
+            return Run(path, m, f"unreadable: metrics.json lacks {', '.join(missing)}")
+        return Run(path, m, "complete")
+    if status.startswith("failed"):
+        return Run(path, m, status)
+    return Run(path, m, f"incomplete: {status}, {m.get('completed_tasks', 0)}/{m.get('num_tasks', '?')} tasks done")
+
+
+# -- grouping and aggregation ------------------------------------------------------------
+
+
+def _norm(value):
+    """Numbers as floats (``2``, ``2.0``, ``1e-1`` and ``0.10`` compare by value), lists element-wise."""
+    if isinstance(value, list):
+        return tuple(_norm(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _norm(v)) for k, v in value.items()))
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)  # YAML 1.1 reads 1e-1 as a string
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _canonical(overrides: list[str]) -> tuple:
+    """Overrides as sorted (key, normalised value) pairs, ``seed`` left out; a later override of a key wins."""
+    items: dict[str, object] = {}
+    for text in overrides or []:
+        try:
+            key, value = parse_override(text)
+        except ConfigError:
+            key, value = text, None
+        if key != "seed":
+            items[key] = _norm(value)
+    return tuple(sorted(items.items(), key=lambda kv: kv[0]))
+
+
+@dataclass
+class Variant:
+    key: tuple
+    preset: str
+    overrides: list[str]  # as written (seed left out), from the first run
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def classifiers(self) -> list[str]:
+        return list(self.runs[0].metrics["classifiers"])
+
+    def values(self, clf: str, key: str) -> np.ndarray:
+        return np.array([r.metrics[clf][key] for r in self.runs if clf in r.metrics], dtype=float)
+
+    def series(self, clf: str, key: str) -> np.ndarray:
+        """Runs x tasks array of a per-task metric."""
+        rows = [r.metrics[clf][key] for r in self.runs if clf in r.metrics]
+        n = min(len(x) for x in rows)
+        return np.array([x[:n] for x in rows], dtype=float)
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+
+def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> list[Variant]:
+    """Complete runs -> variants, in order of first appearance.
+
+    A variant's label is its preset and the overrides not common to all
+    variants, or ``labels[name of its first run]`` where given (and unique).
+    """
+    variants: dict[tuple, Variant] = {}
+    for r in runs:
+        if not r.complete:
+            continue
+        preset = r.metrics.get("preset") or r.metrics.get("method", "?")
+        ov = [o for o in r.metrics.get("overrides") or [] if _canonical([o])]  # seed=... left out
+        key = (preset, _canonical(ov))
+        if key not in variants:
+            variants[key] = Variant(key, preset, ov)
+        variants[key].runs.append(r)
+    out = list(variants.values())
+    common = set.intersection(*(set(v.key[1]) for v in out)) if out else set()
+    for v in out:
+        extra = [o for o in v.overrides if _canonical([o]) and _canonical([o])[0] not in common]
+        v.label = " ".join([v.preset] + extra)
+    given = [(labels or {}).get(v.runs[0].name) for v in out]
+    if all(given) and len(set(given)) == len(given):
+        for v, label in zip(out, given):
+            v.label = label
+    return out
+
+
+def common_overrides(variants: list[Variant]) -> list[str]:
+    if not variants:
+        return []
+    common = set.intersection(*(set(v.key[1]) for v in variants))
+    return [o for o in variants[0].overrides if _canonical([o]) and _canonical([o])[0] in common]
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float | None]:
+    if len(x) == 0:
+        return math.nan, None
+    return float(np.mean(x)), (float(np.std(x, ddof=STD_DDOF)) if len(x) > STD_DDOF else None)
+
+
+def summarize_variants(variants: list[Variant]) -> list[dict]:
+    rows = []
+    for v in variants:
+        for c in v.classifiers:
+            row = {"variant": v.label, "preset": v.preset, "overrides": " ".join(v.overrides), "classifier": c,
+                   "n_seeds": len(v.values(c, "final_accuracy")), "seeds": " ".join(map(str, v.seeds)),
+                   "runs": " ".join(r.name for r in v.runs)}
+            for name, key in (("avg_inc_acc", "average_incremental_accuracy"), ("final_acc", "final_accuracy"),
+                              ("forgetting", "forgetting")):
+                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(v.values(c, key))
+            rows.append(row)
+    return rows
+
+
+def curve_rows(variants: list[Variant]) -> list[dict]:
+    rows = []
+    for v in variants:
+        cpt = v.runs[0].metrics["classes_per_task"]
+        for c in v.classifiers:
+            acc, cur = v.series(c, "accuracy"), v.series(c, "current_task_accuracy")
+            for t in range(acc.shape[1]):
+                am, asd = _mean_std(acc[:, t])
+                cm, csd = _mean_std(cur[:, t])
+                rows.append({"variant": v.label, "classifier": c, "task": t + 1, "classes_seen": cpt * (t + 1),
+                             "n_seeds": acc.shape[0], "accuracy_mean": am, "accuracy_std": asd,
+                             "current_task_accuracy_mean": cm, "current_task_accuracy_std": csd})
+    return rows
+
+
+def _fmt(mean: float, std: float | None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def format_summary_table(rows: list[dict]) -> str:
+    """Plain-text table: one line per variant and classifier."""
+    head = ["variant", "clf", "seeds", "avg incremental acc (%)", "final acc (%)", "forgetting (%)"]
+    body = [[r["variant"], r["classifier"], str(r["n_seeds"]), _fmt(r["avg_inc_acc_mean"], r["avg_inc_acc_std"]),
+             _fmt(r["final_acc_mean"], r["final_acc_std"]), _fmt(r["forgetting_mean"], r["forgetting_std"])]
+            for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def _csv_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6f}"
+    return str(v)
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in fields})
+
+
+# -- figures from metrics ----------------------------------------------------------------
+
+
+def accuracy_figures(variants: list[Variant], out: Path, title: str) -> list[Path]:
+    from .plots import plot_curves
+
+    acc_curves, cur_curves, xs, tasks = [], [], set(), set()
+    for v in variants:
+        cpt = v.runs[0].metrics["classes_per_task"]
+        for c in v.classifiers:
+            label = f"{v.label} ({c})" if len(v.classifiers) > 1 or len(variants) == 1 else v.label
+            n = len(v.runs)
+            label += f", {n} seeds" if n > 1 else ""
+            avg = f": avg {_fmt(*_mean_std(v.values(c, 'average_incremental_accuracy')), digits=1)}%"
+            acc, cur = v.series(c, "accuracy"), v.series(c, "current_task_accuracy")
+            x = [cpt * (t + 1) for t in range(acc.shape[1])]
+            xs.update(x)
+            tasks.update(range(1, acc.shape[1] + 1))
+            std = lambda a: list(np.std(a, axis=0, ddof=STD_DDOF)) if a.shape[0] > STD_DDOF else None  # noqa: E731
+            acc_curves.append({"label": label + avg, "x": x, "mean": list(acc.mean(axis=0)), "std": std(acc)})
+            cur_curves.append({"label": label, "x": list(range(1, acc.shape[1] + 1)), "mean": list(cur.mean(axis=0)),
+                               "std": std(cur)})
+    spread = " (mean ± std over seeds)" if any(len(v.runs) > 1 for v in variants) else ""
+    return [
+        plot_curves(acc_curves, out / "accuracy.png", title=f"{title}: accuracy on all classes seen{spread}",
+                    xlabel="number of classes seen", ylabel="accuracy on the classes seen so far (%)",
+                    xticks=sorted(xs)),
+        plot_curves(cur_curves, out / "current_task_accuracy.png",
+                    title=f"{title}: accuracy on the current task{spread}", xlabel="task",
+                    ylabel="accuracy on the current task's classes (%)", xticks=sorted(tasks)),
+    ]
+
+
+def confusion_figures(run: Run, out: Path) -> list[Path]:
+    from .plots import plot_confusion
+
+    m = run.metrics
+    t = m["num_tasks"]
+    paths = []
+    with np.load(run.path / results.CONFUSION) as z:
+        for c in m["classifiers"]:
+            key = f"{c}_task{t:02d}"
+            if key not in z.files:
+                raise ReportError(f"{run.path / results.CONFUSION} has no '{key}'")
+            mat = z[key]
+            acc = 100.0 * np.trace(mat) / max(mat.sum(), 1)
+            paths.append(plot_confusion(
+                mat, out / f"confusion_{run.name}_{c}.png", classes_per_task=m["classes_per_task"],
+                class_names=m.get("class_names"),
+                title=f"{run.name} ({c}): confusion after task {t}, {mat.shape[0]} classes, accuracy {acc:.1f}%"))
+    return paths
+
+
+# -- figures from checkpoints (no retraining) --------------------------------------------
+
+
+class RunState:
+    """A run's data, scenario and normaliser rebuilt from its folder; models loaded per task."""
+
+    def __init__(self, run: Run, device, datasets: dict):
+        import torch
+
+        from .config import config_from_dict
+        from .data import Scenario, load_dataset
+        from .data.loader import Normalizer
+
+        self.run, self.device = run, device
+        self.cfg = config_from_dict(yaml.safe_load((run.path / results.CONFIG).read_text()) or {})
+        key = repr(self.cfg.data)
+        if key not in datasets:
+            datasets[key] = load_dataset(self.cfg.data)
+        data = datasets[key]
+        self.scenario = Scenario.from_seed(data.num_classes, self.cfg.scenario.num_tasks, self.cfg.seed,
+                                           data.class_names)
+        if run.metrics and run.metrics.get("class_order") not in (None, self.scenario.class_order):
+            raise ReportError(f"{run.path}: the class order rebuilt from config.yaml differs from metrics.json's")
+        mean, std = data.mean_std()  # the train split's statistics, as in training
+        self.normalizer = Normalizer(mean, std).to(device)
+        self.x_train = data.x_train
+        self.y_train = self.scenario.remap(data.y_train)
+        self.torch = torch
+
+    def load(self, task: int):
+        """(model in eval mode, memory per_class dict) after task ``task`` (1-based)."""
+        from .models import create_model
+
+        path = results.checkpoint_path(self.run.path, task - 1)
+        if not path.exists():
+            raise ReportError(f"{path} not found")
+        state = results.load_checkpoint(path)
+        if state.get("class_order") not in (None, self.scenario.class_order):
+            raise ReportError(f"{path}: its class order differs from the one rebuilt from config.yaml")
+        model = create_model(self.cfg.model, self.scenario.num_classes)
+        model.load_state_dict(state["model"])
+        model.to(self.device).eval()
+        per_class = {int(c): x for c, x in state["memory"]["per_class"].items()}
+        return model, per_class
+
+    def features(self, model, x):
+        from .evaluation import extract_features
+
+        f = extract_features(model, x.to(self.device), self.normalizer, self.cfg.eval.batch_size)
+        # t-SNE in the space iCaRL's herding and NME work in: L2-normalised features.
+        return self.torch.nn.functional.normalize(f, dim=1).cpu().numpy()
+
+
+def tsne_tasks(num_done: int, wanted=TSNE_TASKS) -> list[int]:
+    """Wanted tasks clamped to the completed ones, the last always included, duplicates dropped."""
+    tasks = sorted({min(max(int(t), 1), num_done) for t in wanted} | {num_done})
+    if len(tasks) > len(wanted):  # e.g. 1, 5, 10 clamped in a 12-task run: show 1, 5, 12
+        tasks = tasks[: len(wanted) - 1] + [num_done]
+    return tasks
+
+
+def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, log) -> list[dict]:
+    from sklearn.manifold import TSNE
+
+    rows = []
+    for st in states:
+        m = st.run.metrics
+        classes = list(range(min(n_classes, st.scenario.classes_per_task)))
+        panels = []
+        for t in tsne_tasks(m["num_tasks"], wanted_tasks):
+            log(f"t-SNE: {st.run.name}, after task {t}")
+            model, memory = st.load(t)
+            feats, labels, ex = [], [], []
+            for i, c in enumerate(classes):
+                xs = st.x_train[st.y_train == c]
+                mem = memory.get(c)
+                for x, is_ex in ((xs, False), (mem, True)):
+                    if x is None or not len(x):
+                        continue
+                    feats.append(st.features(model, x))
+                    labels.append(np.full(len(x), i))
+                    ex.append(np.full(len(x), is_ex))
+            f = np.concatenate(feats)
+            perplexity = float(min(30.0, max(2.0, (len(f) - 1) / 3.0)))
+            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                      random_state=seed).fit_transform(f)
+            n_ex = int(np.concatenate(ex).sum())
+            panels.append({"title": f"after task {t} ({st.scenario.seen(t - 1)} classes), {n_ex} exemplars",
+                           "xy": xy, "labels": np.concatenate(labels), "exemplar": np.concatenate(ex)})
+        names = [m.get("class_names", [str(c) for c in range(len(classes))])[c] for c in classes]
+        rows.append({"label": st.run.name, "panels": panels, "class_names": names})
+    return rows
+
+
+def exemplar_figure(st: RunState, task: int, per_class: int, max_classes: int, out: Path) -> Path:
+    from .plots import plot_exemplar_grid
+
+    _, memory = st.load(task)
+    labels = sorted(memory)
+    shown = labels[:max_classes]
+    names = st.run.metrics.get("class_names") or [str(c) for c in range(st.scenario.num_classes)]
+    quota = max((len(memory[c]) for c in labels), default=0)
+    more = f", first {len(shown)} of {len(labels)} classes" if len(shown) < len(labels) else ""
+    return plot_exemplar_grid(
+        [memory[c][:per_class].numpy() for c in shown], [f"{c}: {names[c]}" for c in shown],
+        out / f"exemplars_{st.run.name}_task{task:02d}.png", per_class=per_class,
+        title=f"{st.run.name}: exemplars after task {task} ({quota} per class{more})")
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    out: Path
+    runs: list[Run]
+    variants: list[Variant]
+    rows: list[dict]
+    figures: list[Path]
+    notes: list[str]
+
+    @property
+    def excluded(self) -> list[Run]:
+        return [r for r in self.runs if not r.complete]
+
+
+def _select(runs: list[Run], names: list[str] | None, what: str) -> list[Run]:
+    out = []
+    for n in names or []:
+        hit = [r for r in runs if r.name == n or r.path.resolve() == Path(n).resolve()]
+        if not hit:
+            raise ReportError(f"--{what}: no run '{n}' among {', '.join(r.name for r in runs)}")
+        out.append(hit[0])
+    return out
+
+
+def make_report(paths: list[str | Path], out: str | Path, *, title: str | None = None,
+                confusion: list[str] | None = None, tsne: list[str] | None = None, draw_tsne: bool = True,
+                tsne_at: tuple = TSNE_TASKS, tsne_classes: int = TSNE_CLASSES, exemplars: str | None = None,
+                exemplar_task: int | None = None, exemplars_per_class: int = 10, exemplar_classes: int = 20,
+                device: str = "auto", seed: int = 0, labels: dict[str, str] | None = None,
+                log: Callable[[str], None] = print) -> Report:
+    """Read the run folders under ``paths`` and write report.md, CSVs and figures into ``out``.
+
+    ``confusion`` / ``tsne``: run names (folder names or paths) to draw; by
+    default the first complete run, and the first run of each variant. A figure
+    that cannot be drawn becomes a note in report.md, never an exception.
+    ``labels``: run folder name -> variant label (see :func:`group_runs`).
+    """
+    import torch
+
+    out = Path(out)
+    if _is_run_folder(out):
+        raise ReportError(f"--out {out} is a run folder; write the report into another folder")
+    runs = [load_run(p) for p in find_run_folders(paths)]
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():  # a previous report's files: none may outlive this one
+        if old.is_file() and any(fnmatch.fnmatch(old.name, pat) for pat in REPORT_FILES):
+            old.unlink()
+    variants = group_runs(runs, labels)
+    rows = summarize_variants(variants)
+    done = [r for r in runs if r.complete]
+    title = title or (variants[0].runs[0].metrics.get("dataset", "") if variants else "cilab report")
+    figures: list[Path] = []
+    notes: list[str] = []
+    write_csv(out / "summary.csv", rows, SUMMARY_FIELDS)
+    write_csv(out / "curves.csv", curve_rows(variants), CURVE_FIELDS)
+
+    def attempt(what: str, fn):
+        try:
+            got = fn()
+            figures.extend(got if isinstance(got, list) else [got])
+        except Exception as e:  # a figure never costs the report
+            notes.append(f"{what}: not drawn ({type(e).__name__}: {e})")
+
+    if variants:
+        attempt("accuracy curves", lambda: accuracy_figures(variants, out, title))
+        for r in _select(runs, confusion, "confusion") if confusion else done[:1]:
+            if not r.complete:
+                notes.append(f"confusion matrix of {r.name}: not drawn, the run is not complete")
+                continue
+            attempt(f"confusion matrix of {r.name}", lambda r=r: confusion_figures(r, out))
+
+        dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                           ("cpu" if device == "auto" else device))
+        datasets: dict = {}
+        if draw_tsne:
+            chosen = _select(runs, tsne, "tsne") if tsne else [v.runs[0] for v in variants]
+            states = []
+            for r in chosen:
+                if not r.complete:
+                    notes.append(f"t-SNE of {r.name}: skipped, the run is not complete")
+                elif not r.has_memory:
+                    notes.append(f"t-SNE of {r.name}: skipped, the run keeps no exemplars (memory.size=0)")
+                else:
+                    try:
+                        states.append(RunState(r, dev, datasets))
+                    except Exception as e:
+                        notes.append(f"t-SNE of {r.name}: not drawn ({type(e).__name__}: {e})")
+            if states:
+                from .plots import plot_tsne
+
+                def draw():
+                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log)
+                    # One legend of class names when every row draws the same classes (same seed).
+                    same = len({tuple(x["class_names"]) for x in rows_}) == 1
+                    n = len(rows_[0]["class_names"])
+                    return plot_tsne(rows_, out / "tsne.png", class_names=rows_[0]["class_names"] if same else None,
+                                     title=f"{title}: t-SNE of the features of {n} classes of the first task "
+                                     "(light: training images, deep: exemplars)")
+                attempt("t-SNE", draw)
+
+        ex_run = (_select(runs, [exemplars], "exemplars")[0] if exemplars
+                  else next((r for r in done if r.has_memory), None))
+        if ex_run is None:
+            notes.append("exemplar grid: no complete run keeps exemplars")
+        elif not ex_run.complete or not ex_run.has_memory:
+            notes.append(f"exemplar grid of {ex_run.name}: skipped, the run is not complete or keeps no exemplars")
+        else:
+            def grid():
+                task = exemplar_task or ex_run.metrics["num_tasks"]
+                if not 1 <= task <= ex_run.metrics["num_tasks"]:
+                    raise ReportError(f"task {task} is outside 1..{ex_run.metrics['num_tasks']}")
+                return exemplar_figure(RunState(ex_run, dev, datasets), task, exemplars_per_class, exemplar_classes, out)
+            attempt(f"exemplar grid of {ex_run.name}", grid)
+
+    report = Report(out, runs, variants, rows, figures, notes)
+    (out / "report.md").write_text(render_markdown(report, title))
+    return report
+
+
+def render_markdown(rep: Report, title: str) -> str:
+    L = [f"# Report: {title}", "",
+         f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} from {len(rep.runs)} run folder(s); "
+         f"{len(rep.runs) - len(rep.excluded)} complete, {len(rep.excluded)} excluded (failed or incomplete).", ""]
+    common = common_overrides(rep.variants)
+    if common:
+        L += [f"Overrides common to every variant: `{' '.join(common)}`", ""]
+    if rep.variants:
+        L += ["| variant | preset | its own overrides (seed aside) | runs |", "|---|---|---|---|"]
+        for v in rep.variants:
+            own = [o for o in v.overrides if o not in common]
+            L.append(f"| {v.label} | {v.preset} | {'`' + ' '.join(own) + '`' if own else '-'} | "
+                     f"{', '.join(r.name for r in v.runs)} |")
+        L.append("")
+    if rep.rows:
+        L += ["## Summary", "",
+              "Accuracies in percent on the test images of all classes seen. Mean ± sample standard deviation "
+              "(ddof=1) over seeds; a bare number is a single seed. Forgetting: mean over the tasks before the last "
+              "of the drop from their best accuracy to their final accuracy.", "",
+              "| variant | classifier | seeds | average incremental accuracy | final accuracy | forgetting |",
+              "|---|---|---|---|---|---|"]
+        for r in rep.rows:
+            L.append(f"| {r['variant']} | {r['classifier']} | {r['n_seeds']} ({r['seeds']}) | "
+                     f"{_fmt(r['avg_inc_acc_mean'], r['avg_inc_acc_std'])} | {_fmt(r['final_acc_mean'], r['final_acc_std'])} | "
+                     f"{_fmt(r['forgetting_mean'], r['forgetting_std'])} |")
+        L.append("")
+        L += ["## Accuracy after each task", "", "Mean over seeds, by number of classes seen.", ""]
+        for v in rep.variants:
+            cpt = v.runs[0].metrics["classes_per_task"]
+            n = v.series(v.classifiers[0], "accuracy").shape[1]
+            L += [f"**{v.label}**", "", "| classifier | " + " | ".join(str(cpt * (t + 1)) for t in range(n)) + " |",
+                  "|---|" + "---|" * n]
+            for c in v.classifiers:
+                a = v.series(c, "accuracy").mean(axis=0)
+                L.append(f"| {c} | " + " | ".join(f"{x:.1f}" for x in a) + " |")
+            L.append("")
+    figs = {p.name: p for p in rep.figures}
+    if figs:
+        L += ["## Figures", ""]
+        for name in sorted(figs, key=lambda n: (not n.startswith("accuracy"), not n.startswith("current"), n)):
+            L += [f"![{name}]({name})", ""]
+    L += ["## Runs", "", "| run | variant | seed | status | folder |", "|---|---|---|---|---|"]
+    label_of = {id(r): v.label for v in rep.variants for r in v.runs}
+    for r in rep.runs:
+        L.append(f"| {r.name} | {label_of.get(id(r), (r.metrics or {}).get('preset') or '-')} | "
+                 f"{r.seed if r.seed is not None else '-'} | {r.status if r.complete else '**' + r.status + '**'} | "
+                 f"`{r.path}` |")
+    L.append("")
+    if rep.excluded:
+        L += ["## Excluded runs", "", "Not in the aggregates above:", ""]
+        L += [f"- `{r.name}`: {r.status}" for r in rep.excluded]
+        L.append("")
+    if rep.notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    return "\n".join(L)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="tables and figures from run folders, aggregated over seeds",
+        description="Aggregate run folders over seeds. Runs with the same preset and overrides (seed aside) form "
+        "one variant; its average incremental accuracy, final accuracy and forgetting are reported as mean ± "
+        "sample std (ddof=1) over seeds. Failed and incomplete runs are listed and left out. Writes report.md, "
+        "summary.csv, curves.csv, accuracy.png (accuracy vs classes seen), current_task_accuracy.png, "
+        "confusion_<run>_<clf>.png (after the last task), tsne.png (features of classes of the first task, "
+        "training images light and exemplars deep, from the checkpoints, without retraining) and "
+        "exemplars_<run>_task<NN>.png.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders, or folders holding run folders (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the report into")
+    p.add_argument("--title", help="title of the report and figures (default: the dataset)")
+    p.add_argument("--confusion", nargs="+", metavar="RUN",
+                   help="runs (folder names or paths) whose confusion matrices to draw, one per classifier "
+                   "(default: the first complete run)")
+    p.add_argument("--tsne", nargs="+", metavar="RUN",
+                   help="runs to draw in the t-SNE figure, one row each (default: the first run of each variant; "
+                   "runs without exemplars are skipped with a note)")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (it extracts features on the CPU "
+                   "or GPU and runs t-SNE: seconds to minutes)")
+    p.add_argument("--tsne-tasks", default=",".join(map(str, TSNE_TASKS)), metavar="T,T,T",
+                   help="tasks after which to draw the t-SNE panels, clamped to the run's tasks, the last task "
+                   f"always shown (default {','.join(map(str, TSNE_TASKS))})")
+    p.add_argument("--tsne-classes", type=int, default=TSNE_CLASSES,
+                   help=f"classes of the first task to draw (default {TSNE_CLASSES}, at most a task's classes)")
+    p.add_argument("--exemplars", metavar="RUN", help="run whose exemplars to draw (default: the first complete run "
+                   "with exemplars)")
+    p.add_argument("--exemplar-task", type=int, help="draw the memory held after this task (1-based; default the last)")
+    p.add_argument("--exemplars-per-class", type=int, default=10, help="images per class in the grid (default 10)")
+    p.add_argument("--exemplar-classes", type=int, default=20,
+                   help="rows (classes, in the learned order) in the grid at most (default 20)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device for feature extraction (default auto: cuda if visible)")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE random state (default 0)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    try:
+        tasks = tuple(int(t) for t in args.tsne_tasks.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--tsne-tasks must be comma-separated task numbers, got '{args.tsne_tasks}'") from None
+    for name in ("tsne_classes", "exemplars_per_class", "exemplar_classes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        rep = make_report(args.runs, args.out, title=args.title, confusion=args.confusion, tsne=args.tsne,
+                          draw_tsne=not args.no_tsne, tsne_at=tasks or TSNE_TASKS, tsne_classes=args.tsne_classes,
+                          exemplars=args.exemplars, exemplar_task=args.exemplar_task,
+                          exemplars_per_class=args.exemplars_per_class, exemplar_classes=args.exemplar_classes,
+                          device=args.device, seed=args.seed)
+    except ReportError as e:
+        raise ConfigError(str(e)) from None
+    print_summary(rep)
+    return 0 if rep.rows else 1
+
+
+def print_summary(rep: Report) -> None:
+    if rep.rows:
+        print(format_summary_table(rep.rows))
+    else:
+        print("no complete run to aggregate")
+    for r in rep.excluded:
+        print(f"excluded {r.name}: {r.status}")
+    for n in rep.notes:
+        print(f"note: {n}")
+    print(f"report in {rep.out / 'report.md'}")

@@ -1,0 +1,454 @@
+"""``cilab reproduce GROUP --out DIR [key=value ...]``: the study's experiments, one group at a time.
+
+A group (presets/groups.yaml) lists runs: a preset, its seeds, optional
+overrides of its own and a tag. Each run goes to ``DIR/GROUP/<preset>[-<tag>]-s<seed>``.
+
+The order of work:
+
+1. plan: every run's config is built and validated, the datasets are loaded
+   once and the scenarios checked, and every run folder inspected, before any
+   training starts; a bad override, a missing preset or a folder holding a
+   different experiment stops everything with one clear message;
+2. run: each run is one call of :func:`run_one` (finished runs are skipped,
+   interrupted or failed ones resumed from their last completed task); a run
+   that fails is reported and the others go on;
+3. report: ``cilab report`` on the group's run folders, into ``DIR/GROUP/report``,
+   and a table of average incremental and final accuracy per variant and classifier.
+
+Running the same command again therefore continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from . import experiment, results
+from .config import Config, ConfigError, build_config, config_from_dict, overrides_to_dict, preset_names
+
+GROUPS_FILE = "groups.yaml"
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+# -- groups ------------------------------------------------------------------------------
+
+
+def load_groups(path: str | Path | None = None) -> dict[str, dict]:
+    """The groups of ``path`` (default: the bundled presets/groups.yaml), checked for shape."""
+    if path is None:
+        text, where = (resources.files("cilab") / "presets" / GROUPS_FILE).read_text(), f"presets/{GROUPS_FILE}"
+    else:
+        try:
+            text, where = Path(path).read_text(), str(path)
+        except OSError as e:
+            raise ConfigError(f"cannot read the groups file {path}: {e}") from None
+    try:
+        groups = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(groups, dict):
+        raise ConfigError(f"{where} must map group names to groups")
+    for name, g in groups.items():
+        check_group(str(name), g, where)
+    return groups
+
+
+def check_group(name: str, group, where: str = "groups") -> None:
+    bad = lambda msg: ConfigError(f"{where}: group '{name}': {msg}")  # noqa: E731
+    if not isinstance(group, dict) or not isinstance(group.get("runs"), list) or not group["runs"]:
+        raise bad("needs a non-empty list 'runs' of {preset, seeds, overrides, tag}")
+    for i, r in enumerate(group["runs"]):
+        if not isinstance(r, dict) or not isinstance(r.get("preset"), str):
+            raise bad(f"run {i + 1} needs a 'preset' name")
+        unknown = set(r) - {"preset", "seeds", "overrides", "tag"}
+        if unknown:
+            raise bad(f"run {i + 1} has unknown keys {sorted(unknown)}; allowed: preset, seeds, overrides, tag")
+        seeds = r.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise bad(f"run {i + 1} ({r['preset']}): 'seeds' must be a non-empty list of integers >= 0")
+        ov = r.get("overrides", [])
+        if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
+            raise bad(f"run {i + 1} ({r['preset']}): 'overrides' must be a list of 'key=value' strings")
+
+
+def describe_groups(groups: dict[str, dict]) -> str:
+    lines = []
+    for name, g in groups.items():
+        runs = ", ".join(
+            f"{r['preset']}{'-' + r['tag'] if r.get('tag') else ''}"
+            f"{' [' + ' '.join(r['overrides']) + ']' if r.get('overrides') else ''}"
+            f" (seeds {','.join(map(str, r.get('seeds', [0])))})"
+            for r in g["runs"])
+        lines.append(f"  {name}: {runs}")
+        if g.get("description"):
+            lines.append(f"      {' '.join(str(g['description']).split())}")
+    return "\n".join(lines)
+
+
+# -- planning: every config validated, every folder inspected, before any run -----------
+
+
+@dataclass
+class RunSpec:
+    """One run of a group, fully resolved; all :func:`run_one` needs."""
+
+    group: str
+    name: str  # <preset>[-<tag>]-s<seed>: the folder's name
+    variant: str  # <preset>[-<tag>]
+    preset: str
+    seed: int
+    overrides: list[str]  # everything applied on top of the preset, seed=... last; stored in metrics.json
+    cfg: Config
+    folder: Path
+    action: str = "new"  # new | resume | skip | overwrite
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (override, why) left out of this run
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"{o} not applied to {self.name}: {why}" for o, why in self.dropped]
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str  # skipped | done | resumed | failed
+    seconds: float = 0.0
+    error: str | None = None
+    metrics: dict | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def _key(text: str) -> str:
+    return text.split("=", 1)[0].strip()
+
+
+def _inapplicable(key: str, method) -> str | None:
+    """Why a command-line override does not concern a method (it is then left out of that run)."""
+    if key.startswith("memory.") and not method.uses_memory:
+        return f"method {method.name} keeps no exemplars"
+    if key.startswith("loss.distillation") and not method.distills:
+        return f"method {method.name} does not distill"
+    return None
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} saved, {y!r} now")
+    return out
+
+
+def _folder_action(folder: Path, cfg: Config) -> tuple[str, str | None]:
+    """(action, conflict): what to do with the run folder for this config."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return "new", None
+    if not folder.is_dir():
+        return "conflict", f"{folder} exists and is not a folder"
+    saved = folder / results.CONFIG
+    if not saved.exists():
+        return "conflict", f"{folder} holds files but no {results.CONFIG}"
+    try:
+        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable config is a conflict
+        return "conflict", f"{folder}/{results.CONFIG} cannot be read ({e})"
+    if old != cfg:
+        return "conflict", f"{folder} holds a run with another config ({'; '.join(_diff(old.to_dict(), cfg.to_dict()))})"
+    return ("skip" if results.is_complete(folder) else "resume"), None
+
+
+def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
+         seeds: list[int] | None = None, overwrite: bool = False, check_data: bool = True) -> list[RunSpec]:
+    """Resolve and validate every run of ``group``; raise ConfigError before anything runs."""
+    from .methods import METHODS
+
+    groups = load_groups() if groups is None else groups
+    if group not in groups:
+        raise ConfigError(f"unknown group '{group}'; groups: {', '.join(groups)}")
+    g = groups[group]
+    check_group(group, g)
+    user = list(overrides or [])
+    user_dict = overrides_to_dict(user)  # refuses malformed key=value early
+    if "seed" in user_dict:
+        raise ConfigError("seeds come from the group; pass --seeds 0,1,2 instead of seed=...")
+
+    known = set(preset_names())
+    missing = [r["preset"] for r in g["runs"]
+               if r["preset"] not in known and not (r["preset"].endswith((".yaml", ".yml")) and Path(r["preset"]).exists())]
+    if missing:
+        raise ConfigError(
+            f"group '{group}' needs presets that do not exist (yet): {', '.join(dict.fromkeys(missing))}. "
+            f"Available presets: {', '.join(sorted(known))}"
+        )
+
+    specs, errors, conflicts = [], {}, []  # errors: message -> runs (one line per distinct error)
+    root = Path(out) / group
+    for r in g["runs"]:
+        preset, tag, own = r["preset"], r.get("tag"), list(r.get("overrides", []))
+        variant = f"{Path(preset).stem}{'-' + tag if tag else ''}"
+        for seed in (seeds if seeds is not None else r.get("seeds", [0])):
+            name = f"{variant}-s{seed}"
+            try:
+                base = build_config(preset, own + [f"seed={seed}"])
+                wanted = user_dict.get("method", base.method)
+                method = METHODS[wanted if wanted in METHODS else base.method]  # a bad method=... fails below
+                applied, dropped = [], []
+                for o in user:
+                    why = _inapplicable(_key(o), method)
+                    if why:
+                        dropped.append((o, why))
+                    else:
+                        applied.append(o)
+                ov = own + applied + [f"seed={seed}"]
+                cfg = build_config(preset, ov)
+            except ConfigError as e:
+                errors.setdefault(str(e), []).append(name)
+                continue
+            folder = root / name
+            action, conflict = _folder_action(folder, cfg)
+            if conflict:
+                if overwrite:
+                    action = "overwrite"
+                else:
+                    conflicts.append(conflict)
+            specs.append(RunSpec(group, name, variant, preset, seed, ov, cfg, folder, action, dropped))
+    if errors:
+        lines = [f"{', '.join(names)}: {msg}" for msg, names in errors.items()]
+        raise ConfigError(f"group '{group}': " + ("\n  " if len(lines) > 1 else "") + "\n  ".join(lines))
+    if conflicts:
+        raise ConfigError("\n  ".join(["run folders in the way (pass --overwrite to replace them, or choose another --out):"]
+                                      + conflicts))
+    if check_data:
+        check_datasets(specs)
+    return specs
+
+
+def check_datasets(specs: list[RunSpec]) -> None:
+    """Load each distinct dataset once and check every scenario fits it, before any training."""
+    from .data import Scenario, load_dataset
+
+    seen: dict[str, object] = {}
+    for s in specs:
+        if s.action == "skip":
+            continue
+        key = repr(s.cfg.data)
+        if key not in seen:
+            seen[key] = load_dataset(s.cfg.data)  # DatasetError: the CLI prints it, exit 2
+        data = seen[key]
+        try:
+            Scenario.from_seed(data.num_classes, s.cfg.scenario.num_tasks, s.cfg.seed, data.class_names)
+        except ValueError as e:
+            raise ConfigError(f"{s.name}: {e}") from None
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def dropped_notes(specs: list[RunSpec]) -> list[str]:
+    """One line per override left out of some runs, naming them."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for s in specs:
+        for o, why in s.dropped:
+            by.setdefault((o, why.split(" ", 2)[-1]), []).append(s.name)
+    return [f"{o} not applied to {', '.join(names)}: their method {why}" for (o, why), names in by.items()]
+
+
+def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
+            log: Callable[[str], None] | None = None) -> RunResult:
+    """Run (or skip, or resume) one planned run; never raises except on KeyboardInterrupt.
+
+    Self-contained on purpose: a parallel executor can call it from a worker
+    with its own ``position`` for the progress bar.
+    """
+    if spec.action == "skip":
+        return RunResult(spec, "skipped", metrics=results.read_metrics(spec.folder))
+    start = time.perf_counter()
+    try:
+        metrics = experiment.run(  # looked up at call time: tests may replace it
+            spec.cfg, spec.folder, resume=spec.action == "resume", overwrite=spec.action == "overwrite",
+            progress=progress, position=position, meta={"preset": spec.preset, "overrides": list(spec.overrides)},
+            log=log)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - one failing run must not stop the group
+        return RunResult(spec, "failed", time.perf_counter() - start, f"{type(e).__name__}: {e}")
+    return RunResult(spec, "resumed" if spec.action == "resume" else "done", time.perf_counter() - start,
+                     metrics=metrics)
+
+
+def _result_line(res: RunResult, i: int, n: int) -> str:
+    s = res.spec
+    head = f"[{i}/{n}] {s.name}: "
+    if res.failed:
+        return head + f"FAILED after {res.seconds:.0f}s: {res.error}"
+    m = res.metrics or {}
+    accs = "  ".join(f"{c} avg {m[c]['average_incremental_accuracy']:.1f}% final {m[c]['final_accuracy']:.1f}%"
+                     for c in m.get("classifiers", []) if c in m)
+    what = "already complete, skipped" if res.status == "skipped" else f"{res.status} in {res.seconds:.0f}s"
+    return head + f"{what}  {accs}"
+
+
+def run_all(specs: list[RunSpec], *, progress: bool = True, log: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Every run in order, an overall bar at position 0 and each run's own bar beneath."""
+    from tqdm.auto import tqdm
+
+    log = log or (lambda msg: tqdm.write(msg))
+    out = []
+    with tqdm(total=len(specs), desc=specs[0].group if specs else "runs", unit="run", position=0,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for i, spec in enumerate(specs, 1):
+            bar.set_postfix_str(spec.name)
+            res = run_one(spec, progress=progress, position=1, log=log)
+            out.append(res)
+            bar.update(1)
+            log(_result_line(res, i, len(specs)))
+    return out
+
+
+def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print):
+    """The group's report: confusion matrices and t-SNE rows for the first seed of each variant."""
+    from .report import make_report
+
+    folders = [s.folder for s in specs if s.folder.exists() and any(s.folder.iterdir())]
+    first = {}
+    for s in specs:
+        if results.is_complete(s.folder):
+            first.setdefault(s.variant, s.name)
+    title = f"{specs[0].group} on {specs[0].cfg.data.name}"
+    return make_report(folders, out, title=title, confusion=list(first.values()) or None,
+                       tsne=list(first.values()) or None, draw_tsne=draw_tsne, log=log,
+                       labels={s.name: s.variant for s in specs})
+
+
+def reproduce(group: str, out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
+              seeds: list[int] | None = None, overwrite: bool = False, progress: bool = True, report: bool = True,
+              draw_tsne: bool = True, log: Callable[[str], None] = print) -> tuple[list[RunResult], object]:
+    """Plan, run and report one group; returns the run results and the report (or None)."""
+    specs = plan(group, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
+    for line in dropped_notes(specs):
+        log(f"note: {line}")
+    todo = sum(s.action != "skip" for s in specs)
+    log(f"group {group}: {len(specs)} runs into {Path(out) / group} ({len(specs) - todo} already complete)")
+    res = run_all(specs, progress=progress)
+    rep = None
+    if report:
+        try:
+            rep = report_group(specs, Path(out) / group / "report", draw_tsne=draw_tsne, log=log)
+        except Exception as e:  # noqa: BLE001 - the runs are done and saved; say why the report is missing
+            log(f"could not write the report: {type(e).__name__}: {e}; run `cilab report {Path(out) / group} "
+                f"--out {Path(out) / group / 'report'}` to retry")
+    return res, rep
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
+    return seeds
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    try:
+        listing = describe_groups(load_groups())
+    except ConfigError as e:
+        listing = f"  (cannot read the groups: {e})"
+    p = sub.add_parser(
+        "reproduce", help="run a group of the study's experiments and report them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every run of GROUP into DIR/GROUP/<preset>[-<tag>]-s<seed>, then write the group's report "
+        "(report.md, summary.csv, figures) into DIR/GROUP/report and print average incremental and final "
+        "accuracy per variant and classifier.\n\n"
+        "All configs are built and validated, the data loaded and the run folders inspected before any run "
+        "starts. Complete runs with the same config are skipped and interrupted or failed ones resumed from "
+        "their last completed task, so the same command continues an interrupted reproduction. A run that "
+        "fails is reported and the others go on; the exit status is then 1.\n\n"
+        "key=value overrides (positional or with --set) apply to every run, after the run's own; an override "
+        "of memory.* is left out of runs whose method keeps no exemplars (finetune, joint, lwf) and one of "
+        "loss.distillation out of runs that do not distill (finetune, joint), with a note.",
+        epilog=f"groups (from presets/{GROUPS_FILE}):\n{listing}\n\n"
+        "example (minutes on a CPU):\n  cilab reproduce baselines --out runs/repro data.name=digits "
+        "scenario.num_tasks=5 train.epochs=3 train.milestones=[2] train.batch_size=16 train.lr=0.2 memory.size=100",
+    )
+    p.add_argument("group", nargs="?", help="group name (see below)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    p.add_argument("--out", type=Path, help="root folder; runs go to OUT/GROUP/<run>, the report to OUT/GROUP/report")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="key=value",
+                   help="a config override for every run (repeatable; same as a positional key=value)")
+    p.add_argument("--seeds", metavar="S,S,...", help="replace the seeds of every run of the group (e.g. 0,1)")
+    p.add_argument("--groups-file", type=Path, help=f"a YAML file of groups instead of the bundled {GROUPS_FILE} "
+                   "(group -> {description, runs: [{preset, seeds, overrides, tag}]})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that hold a run with another config (default: refuse)")
+    p.add_argument("--dry-run", action="store_true", help="validate and show what would run, skip or resume; run nothing")
+    p.add_argument("--list", action="store_true", help="list the groups and exit")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--no-tsne", action="store_true", help="leave the t-SNE figure out of the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    groups = load_groups(args.groups_file)
+    if args.list:
+        print(describe_groups(groups))
+        return 0
+    if not args.group:
+        raise ConfigError(f"name a group: {', '.join(groups)} (cilab reproduce --list describes them)")
+    if args.out is None:
+        raise ConfigError("--out DIR is required: runs go to DIR/GROUP/<run>")
+    overrides = list(args.set_overrides) + list(args.overrides)
+    seeds = _parse_seeds(args.seeds)
+    if args.dry_run:
+        specs = plan(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite)
+        for s in specs:
+            print(f"{s.action:9s} {s.folder}  {s.preset} {' '.join(s.overrides)}")
+            for n in s.notes:
+                print(f"          note: {n}")
+        return 0
+    try:
+        res, rep = reproduce(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
+                             progress=not args.quiet, report=not args.no_report, draw_tsne=not args.no_tsne)
+    except KeyboardInterrupt:
+        cmd = ["cilab", "reproduce", args.group, "--out", str(args.out), *overrides]
+        if args.seeds:
+            cmd += ["--seeds", args.seeds]
+        if args.groups_file:
+            cmd += ["--groups-file", str(args.groups_file)]
+        print("\ninterrupted; complete runs and completed tasks are saved. Continue with:\n  "
+              + " ".join(map(shlex.quote, cmd)), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print()
+    if rep is not None:
+        from .report import print_summary
+
+        print_summary(rep)
+    failed = [r for r in res if r.failed]
+    counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "skipped", "failed")}
+    print(f"{len(res)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    for r in failed:
+        print(f"FAILED {r.spec.name} ({r.spec.folder}): {r.error}", file=sys.stderr)
+    return EXIT_FAILED if failed else 0

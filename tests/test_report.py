@@ -1,0 +1,217 @@
+"""cilab report: aggregation over seeds checked against numpy, figures checked as PNG files.
+
+Two real iCaRL runs (seeds 0 and 1, 2 tasks) on a tiny subset of the bundled
+digits give the numbers and the checkpoints the t-SNE and exemplar figures are
+rebuilt from; written metrics.json files add a single-seed run, a failed and an
+incomplete one, and exact numbers for the grouping test.
+"""
+
+import csv
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from cilab import cli, results
+from cilab.config import build_config
+from cilab.experiment import run
+from cilab.plots import CONFUSION_FIGSIZE, DPI, FIGSIZE, TSNE_EXTRA_IN, TSNE_PANEL_IN, exemplar_grid_size
+from cilab.report import find_run_folders, group_runs, load_run, make_report
+
+
+def tiny_npz(path, per_class=12, test_per_class=4):
+    """A real but small dataset: the first images of each digit (10 classes)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    xs, ys, xt, yt = [], [], [], []
+    for c in range(10):
+        idx = np.flatnonzero(d.target == c)
+        xs.append(d.images[idx[:per_class]])
+        xt.append(d.images[idx[per_class: per_class + test_per_class]])
+        ys += [c] * per_class
+        yt += [c] * test_per_class
+    u8 = lambda a: (np.concatenate(a) * (255 / 16)).round().astype(np.uint8)  # noqa: E731
+    np.savez(path, x_train=u8(xs), y_train=np.array(ys), x_test=u8(xt), y_test=np.array(yt))
+    return path
+
+
+def tiny_overrides(npz, tasks=5):
+    """The fastest settings that still train: one batch per task, ResNet-20, K=20."""
+    return ["data.name=npz", f"data.path={npz}", f"scenario.num_tasks={tasks}", "train.epochs=1", "train.milestones=[]",
+            "train.batch_size=64", "memory.size=20", "model.name=resnet20"]
+
+
+def fake_metrics(preset, seed, overrides, acc_by_clf, status="complete", cpt=2):
+    """A metrics.json as experiment.run writes it, from accuracy lists (one per classifier)."""
+    from cilab.evaluation import summarize
+
+    n = len(next(iter(acc_by_clf.values())))
+    m = {"method": preset, "preset": preset, "seed": seed, "overrides": overrides + [f"seed={seed}"],
+         "dataset": "digits", "classes_per_task": cpt, "num_tasks": n, "classifiers": list(acc_by_clf),
+         "status": status, "completed_tasks": n if status == "complete" else n - 2, "memory_total": [0] * n}
+    for c, acc in acc_by_clf.items():
+        matrix = [[acc[t] + j for j in range(t + 1)] + [None] * (n - t - 1) for t in range(n)]
+        m[c] = {"accuracy": acc, "current_task_accuracy": [a + 5 for a in acc], "accuracy_matrix": matrix,
+                **summarize(acc, matrix)}
+    return m
+
+
+def write_run(folder, metrics):
+    folder.mkdir(parents=True)
+    results.atomic_write_json(folder / results.METRICS, metrics)
+    return folder
+
+
+def png_size(path):
+    img = mpimg.imread(path)  # raises on anything but a valid PNG
+    assert img.ndim == 3 and img.shape[2] in (3, 4)
+    return img.shape[1], img.shape[0]  # width, height
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """Two real iCaRL runs (seeds 0, 1: 2 tasks of 5 digits) beside a finetune, a failed and an incomplete run."""
+    root = tmp_path_factory.mktemp("runs")
+    npz = tiny_npz(root / "tiny.npz")
+    ov = tiny_overrides(npz, tasks=2)
+    folders = []
+    for seed in (0, 1):
+        cfg = build_config("icarl", ov + [f"seed={seed}"])
+        folder = root / "group" / f"icarl-s{seed}"
+        run(cfg, folder, progress=False, meta={"preset": "icarl", "overrides": ov + [f"seed={seed}"]})
+        folders.append(folder)
+    extra = root / "extra"
+    write_run(extra / "finetune-s0", fake_metrics("finetune", 0, ov, {"fc": [90.0, 45.0, 30.0, 22.0, 18.0]}))
+    write_run(extra / "lwf-s0", fake_metrics("lwf", 0, ov, {"fc": [90.0, 60.0, 50.0, 40.0, 30.0]},
+                                             status="failed: RuntimeError: boom"))
+    write_run(extra / "lwf-s1", fake_metrics("lwf", 1, ov, {"fc": [91.0, 61.0, 51.0, 41.0, 31.0]}, status="running"))
+    return root, folders
+
+
+@pytest.fixture(scope="module")
+def report(real_runs):
+    """One report over all of them (every figure drawn once)."""
+    root, _ = real_runs
+    out = root / "report"
+    rep = make_report([root / "group", root / "extra"], out, tsne_at=(1, 5, 10), exemplars_per_class=6)
+    return rep, out
+
+
+def read_summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_of_real_runs_matches_numpy_and_failed_runs_are_excluded(real_runs, report):
+    _, folders = real_runs
+    rep, out = report
+    rows = read_summary(out / "summary.csv")
+    ms = [results.read_metrics(f) for f in folders]
+    icarl = {r["classifier"]: r for r in rows if r["preset"] == "icarl"}
+    assert set(icarl) == {"nme", "fc"}
+    for c, r in icarl.items():
+        aia = np.array([np.mean(m[c]["accuracy"]) for m in ms])  # from the raw per-task accuracies
+        fin = np.array([m[c]["accuracy"][-1] for m in ms])
+        fgt = np.array([m[c]["forgetting"] for m in ms])
+        assert int(r["n_seeds"]) == 2 and r["seeds"] == "0 1"
+        assert float(r["avg_inc_acc_mean"]) == pytest.approx(aia.mean(), abs=1e-5)
+        assert float(r["avg_inc_acc_std"]) == pytest.approx(aia.std(ddof=1), abs=1e-5)
+        assert float(r["final_acc_mean"]) == pytest.approx(fin.mean(), abs=1e-5)
+        assert float(r["final_acc_std"]) == pytest.approx(fin.std(ddof=1), abs=1e-5)
+        assert float(r["forgetting_mean"]) == pytest.approx(fgt.mean(), abs=1e-5)
+    ft = [r for r in rows if r["preset"] == "finetune"]
+    assert len(ft) == 1 and ft[0]["n_seeds"] == "1" and ft[0]["avg_inc_acc_std"] == ""  # undefined for one seed
+    assert float(ft[0]["avg_inc_acc_mean"]) == pytest.approx(41.0)
+    assert not [r for r in rows if r["preset"] == "lwf"]  # failed + incomplete: not aggregated
+
+    md = (out / "report.md").read_text()
+    assert "failed: RuntimeError: boom" in md and "incomplete: running, 3/5 tasks done" in md
+    assert {r.name for r in rep.excluded} == {"lwf-s0", "lwf-s1"}
+    # the accuracy curve table: mean over the seeds after each task
+    with open(out / "curves.csv") as f:
+        curve = [r for r in csv.DictReader(f) if r["variant"] == "icarl" and r["classifier"] == "nme"]
+    assert [int(r["classes_seen"]) for r in curve] == [5, 10]
+    np.testing.assert_allclose([float(r["accuracy_mean"]) for r in curve],
+                               np.mean([m["nme"]["accuracy"] for m in ms], axis=0), atol=1e-5)
+
+
+def test_figures_are_pngs_of_the_expected_size(report):
+    rep, out = report
+    assert rep.notes == ["t-SNE of finetune-s0: skipped, the run keeps no exemplars (memory.size=0)"]
+    w, h = int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI)
+    assert png_size(out / "accuracy.png") == (w, h)
+    assert png_size(out / "current_task_accuracy.png") == (w, h)
+    cw, ch = int(CONFUSION_FIGSIZE[0] * DPI), int(CONFUSION_FIGSIZE[1] * DPI)
+    for c in ("nme", "fc"):  # default: the first run, one matrix per classifier
+        assert png_size(out / f"confusion_icarl-s0_{c}.png") == (cw, ch)
+    # one row (icarl's first run; finetune has no memory), panels after tasks 1 and 2 (5 and 10 clamped)
+    pw, ph = TSNE_PANEL_IN
+    assert png_size(out / "tsne.png") == (int(2 * pw * DPI), int((ph + TSNE_EXTRA_IN) * DPI))
+    # 10 classes after the last task, 2 exemplars each (K=20): 10 rows, 2 columns (no empty ones)
+    gw, gh = exemplar_grid_size(10, 2)
+    assert png_size(out / "exemplars_icarl-s0_task02.png") == (int(gw * DPI), int(gh * DPI))
+    md = (out / "report.md").read_text()
+    assert "keeps no exemplars" in md
+    for p in rep.figures:
+        assert f"]({p.name})" in md
+
+
+def test_tsne_reads_the_checkpoints(real_runs):
+    from cilab.report import RunState, tsne_rows
+
+    _, folders = real_runs
+    st = RunState(load_run(folders[0]), "cpu", {})
+    panels = tsne_rows([st], 5, (1, 5, 10), 0, lambda m: None)[0]["panels"]
+    assert len(panels) == 2
+    for panel, task, per_class in zip(panels, (1, 2), (4, 2)):  # m = K / classes seen = 20/5, 20/10
+        ckpt = results.load_checkpoint(folders[0] / "checkpoints" / f"task_{task:02d}.pt")
+        assert all(len(ckpt["memory"]["per_class"][c]) == per_class for c in range(5))
+        # the 5 classes of the first task: all their 12 training images each, plus their exemplars
+        assert panel["xy"].shape == (5 * 12 + 5 * per_class, 2)
+        assert panel["exemplar"].sum() == 5 * per_class
+        assert sorted(np.unique(panel["labels"])) == [0, 1, 2, 3, 4]
+        assert np.isfinite(panel["xy"]).all() and panel["xy"].std() > 0
+
+
+def test_grouping_ignores_seed_and_override_spelling(tmp_path):
+    accs = {0: [80.0, 60.0, 50.0], 1: [82.0, 58.0, 47.0], 2: [79.0, 61.0, 44.0]}
+    # the same variant, overrides written in another order and spelling
+    spellings = [["train.lr=0.1", "train.epochs=2"], ["train.epochs=2", "train.lr=0.10"], ["train.lr=1e-1", "train.epochs=2"]]
+    for seed, ov in zip(accs, spellings):
+        write_run(tmp_path / f"icarl-s{seed}", fake_metrics("icarl", seed, ov, {"nme": accs[seed], "fc": accs[seed][::-1]}))
+    write_run(tmp_path / "icarl-lr-s0", fake_metrics("icarl", 0, ["train.lr=0.5", "train.epochs=2"], {"nme": [1.0, 2.0, 3.0]}))
+    runs = [load_run(p) for p in find_run_folders([tmp_path])]
+    variants = group_runs(runs)
+    # labels: the common train.epochs=2 dropped
+    assert sorted((v.label, len(v.runs)) for v in variants) == [("icarl train.lr=0.1", 3), ("icarl train.lr=0.5", 1)]
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "tsne.png").write_bytes(b"stale")  # a previous report's figure must not survive
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["report", str(tmp_path), "--out", str(out), "--no-tsne"]) == 0
+    assert not (out / "tsne.png").exists() and (out / "notes.txt").exists()
+    rows = {(r["variant"], r["classifier"]): r for r in read_summary(out / "summary.csv")}
+    a = np.array(list(accs.values()))
+    r = rows[("icarl train.lr=0.1", "nme")]
+    assert float(r["avg_inc_acc_mean"]) == pytest.approx(a.mean(axis=1).mean())
+    assert float(r["avg_inc_acc_std"]) == pytest.approx(a.mean(axis=1).std(ddof=1))
+    assert float(r["final_acc_mean"]) == pytest.approx(a[:, -1].mean())
+    assert float(r["final_acc_std"]) == pytest.approx(a[:, -1].std(ddof=1))
+    r = rows[("icarl train.lr=0.1", "fc")]
+    assert float(r["final_acc_mean"]) == pytest.approx(a[:, 0].mean())  # fc got the reversed lists
+    md = (out / "report.md").read_text()
+    assert f"{a.mean(axis=1).mean():.2f} ± {a.mean(axis=1).std(ddof=1):.2f}" in md
+    assert "train.epochs=2" in md  # common overrides shown once
+
+
+def test_report_refuses_a_folder_without_runs_and_writing_into_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+    run_dir = write_run(tmp_path / "icarl-s0", fake_metrics("icarl", 0, [], {"nme": [50.0, 40.0]}))
+    assert cli.main(["report", str(run_dir), "--out", str(run_dir)]) == 2
+    assert "is a run folder" in capsys.readouterr().err
+
+

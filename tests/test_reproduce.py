@@ -1,0 +1,181 @@
+"""cilab reproduce: validation before any run, skipping, resuming, failures, the report at the end.
+
+A test-only group (two tiny real runs on a digits subset) is passed as a
+mapping or a --groups-file; the bundled groups.yaml is only checked for shape.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from cilab import cli, experiment, results
+from cilab.config import ConfigError, preset_names
+from cilab.data import DatasetError
+from cilab.reproduce import load_groups, plan, reproduce, run_one
+
+from test_report import tiny_npz, tiny_overrides
+
+GROUPS = {
+    "tiny": {"description": "test group", "runs": [
+        {"preset": "icarl", "seeds": [0]},
+        {"preset": "finetune", "seeds": [0]},
+    ]},
+}
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("experiment.run was called")
+
+
+def test_bundled_groups_match_the_study():
+    groups = load_groups()
+    assert {"baselines", "icarl-variants", "losses", "classifiers", "collage", "deepinversion"} <= set(groups)
+    base = {r["preset"]: r["seeds"] for r in groups["baselines"]["runs"]}
+    assert base == {"finetune": [0, 1, 2], "lwf": [0, 1, 2], "icarl": [0, 1, 2], "joint": [0]}
+    clf = groups["classifiers"]["runs"]
+    assert len(clf) == 1 and clf[0]["preset"] == "icarl"  # one training for every classifier
+    assert "eval.classifiers=[nme,fc,knn,svm,mlp]" in clf[0]["overrides"]
+    assert "groups" not in preset_names()
+    for g in ("baselines", "icarl-variants", "losses", "classifiers"):  # presets of the first issues exist
+        assert all(r["preset"] in preset_names() for r in groups[g]["runs"]), g
+
+
+def test_plan_validates_everything_before_any_run(tmp_path, npz, monkeypatch):
+    monkeypatch.setattr(experiment, "run", no_training)
+    ov = tiny_overrides(npz)
+    specs = plan("tiny", tmp_path, ov, groups=GROUPS)
+    assert [s.name for s in specs] == ["icarl-s0", "finetune-s0"]
+    assert specs[0].cfg.memory.size == 20 and specs[1].cfg.memory.size == 0
+    assert any("memory.size=20 not applied to finetune-s0" in n for n in specs[1].notes)
+    assert specs[1].overrides[-1] == "seed=0" and "memory.size=20" not in specs[1].overrides
+
+    # one bad run stops the whole group before anything runs, naming the run
+    bad = {"tiny": {"runs": GROUPS["tiny"]["runs"] + [{"preset": "lwf", "seeds": [3], "overrides": ["train.epochs=0"]}]}}
+    with pytest.raises(ConfigError, match=r"lwf-s3: 'train.epochs' must be > 0"):
+        reproduce("tiny", tmp_path, ov, groups=bad, progress=False)
+    missing = {"future": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "collage-nowhere", "seeds": [0]}]}}
+    with pytest.raises(ConfigError, match="needs presets that do not exist.*collage-nowhere"):
+        plan("future", tmp_path, ov, groups=missing)
+    with pytest.raises(ConfigError, match="--seeds"):
+        plan("tiny", tmp_path, ov + ["seed=3"], groups=GROUPS)
+    with pytest.raises(DatasetError, match="not found"):  # data checked once, before any run
+        plan("tiny", tmp_path, ov + [f"data.path={tmp_path / 'nope.npz'}"], groups=GROUPS)
+    assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
+
+
+def test_reproduce_runs_skips_resumes_and_reports(tmp_path, npz, monkeypatch, capsys):
+    ov = tiny_overrides(npz, tasks=2)  # two tiny trainings + one resumed task
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_text(yaml.safe_dump(GROUPS))
+    out = tmp_path / "rep"
+    argv = ["reproduce", "tiny", "--out", str(out), "--groups-file", str(gfile), "--quiet", "--no-tsne",
+            "--set", ov[0], *ov[1:]]
+    assert cli.main(argv) == 0
+    icarl, ft = out / "tiny" / "icarl-s0", out / "tiny" / "finetune-s0"
+    assert results.is_complete(icarl) and results.is_complete(ft)
+    m = results.read_metrics(icarl)
+    assert m["preset"] == "icarl" and m["overrides"] == ov + ["seed=0"]
+    printed = capsys.readouterr().out
+    assert "avg incremental acc" in printed and "2 done" in printed
+    rows = (out / "tiny" / "report" / "summary.csv").read_text()
+    assert f"{m['nme']['average_incremental_accuracy']:.6f}" in rows  # one seed: the run's own number
+    assert (out / "tiny" / "report" / "accuracy.png").exists()
+
+    # second invocation: nothing retrains, nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "report" not in p.parts}
+    monkeypatch.setattr(experiment, "run", no_training)
+    assert cli.main(argv) == 0
+    assert "2 skipped" in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+    # an interrupted run (its last task lost) is resumed from its last checkpoint
+    (icarl / "checkpoints" / "task_02.pt").unlink()
+    m["status"], m["completed_tasks"] = "interrupted", 1
+    results.atomic_write_json(icarl / results.METRICS, m)
+    first_ckpt = (icarl / "checkpoints" / "task_01.pt").stat().st_mtime_ns
+    calls = []
+    monkeypatch.undo()
+    real_run = experiment.run
+
+    def spy(cfg, folder, **kw):
+        calls.append((folder.name, kw["resume"]))
+        return real_run(cfg, folder, **kw)
+
+    monkeypatch.setattr(experiment, "run", spy)
+    res, rep = reproduce("tiny", out, ov, groups=GROUPS, progress=False, draw_tsne=False)
+    assert calls == [("icarl-s0", True)]
+    assert [r.status for r in res] == ["resumed", "skipped"]
+    assert results.is_complete(icarl) and (icarl / "checkpoints" / "task_02.pt").exists()
+    assert (icarl / "checkpoints" / "task_01.pt").stat().st_mtime_ns == first_ckpt  # task 1 not retrained
+    assert len(results.read_metrics(icarl)["nme"]["accuracy"]) == 2
+    assert {r["variant"] for r in rep.rows} == {"icarl", "finetune"}
+
+
+def fake_run(fail: set):
+    """Stands for experiment.run: writes a complete run folder, or raises for the runs in ``fail``."""
+    def run(cfg, folder, *, resume=False, overwrite=False, progress=True, position=0, meta=None, log=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        results.atomic_write_yaml(folder / results.CONFIG, cfg.to_dict())
+        if folder.name in fail:
+            raise RuntimeError(f"injected failure in {folder.name}")
+        acc = [90.0 - 10 * t - cfg.seed for t in range(5)]
+        m = {"method": cfg.method, "seed": cfg.seed, "status": "complete", "classes_per_task": 2, "num_tasks": 5,
+             "classifiers": ["fc"], "dataset": cfg.data.name, "memory_total": [0] * 5, **(meta or {}),
+             "fc": {"accuracy": acc, "current_task_accuracy": acc, "accuracy_matrix": [],
+                    "average_incremental_accuracy": sum(acc) / 5, "final_accuracy": acc[-1], "forgetting": 1.0}}
+        results.atomic_write_json(folder / results.METRICS, m)
+        return m
+    return run
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, npz, monkeypatch, capsys):
+    groups = {"three": {"runs": [{"preset": "finetune", "seeds": [0, 1, 2]}]}}
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_text(yaml.safe_dump(groups))
+    monkeypatch.setattr(experiment, "run", fake_run({"finetune-s1"}))
+    out = tmp_path / "rep"
+    rc = cli.main(["reproduce", "three", "--out", str(out), "--groups-file", str(gfile), "--quiet", *tiny_overrides(npz)])
+    assert rc == 1
+    io = capsys.readouterr()
+    assert "FAILED finetune-s1" in io.err and "injected failure" in io.err
+    assert results.is_complete(out / "three" / "finetune-s0") and results.is_complete(out / "three" / "finetune-s2")
+    summary = (out / "three" / "report" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 2 and ",2,0 2," in summary[1]  # two seeds aggregated: 0 and 2
+    assert "finetune-s1" in (out / "three" / "report" / "report.md").read_text()
+
+    # next time only the failed run is run again (resumed: same config, not complete)
+    monkeypatch.setattr(experiment, "run", fake_run(set()))
+    specs = plan("three", out, tiny_overrides(npz), groups=groups)
+    assert [s.action for s in specs] == ["skip", "resume", "skip"]
+    assert run_one(specs[1], progress=False).status == "resumed"
+
+
+def test_a_folder_with_another_config_is_refused_unless_overwrite(tmp_path, npz, monkeypatch):
+    groups = {"one": {"runs": [{"preset": "finetune", "seeds": [0]}]}}
+    monkeypatch.setattr(experiment, "run", fake_run(set()))
+    ov = tiny_overrides(npz)
+    reproduce("one", tmp_path, ov, groups=groups, progress=False, report=False)
+    with pytest.raises(ConfigError, match=r"train.lr: 2.0 saved, 0.5 now") as e:
+        plan("one", tmp_path, ov + ["train.lr=0.5"], groups=groups)
+    assert "--overwrite" in str(e.value)
+    specs = plan("one", tmp_path, ov + ["train.lr=0.5"], groups=groups, overwrite=True)
+    assert specs[0].action == "overwrite"
+    res, _ = reproduce("one", tmp_path, ov + ["train.lr=0.5"], groups=groups, overwrite=True, progress=False, report=False)
+    assert res[0].status == "done"
+    assert json.loads((tmp_path / "one" / "finetune-s0" / "metrics.json").read_text())["overrides"][-2] == "train.lr=0.5"
+
+
+def test_help_lists_the_groups(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("baselines", "icarl-variants", "losses", "classifiers", "collage", "deepinversion", "--seeds",
+                 "--groups-file", "--set", "--overwrite"):
+        assert word in text
