@@ -75,45 +75,49 @@ def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor
     return x, y
 
 
-def bare_step(cfg, device, amp, channels_last, steps: int, warmup: int) -> float:
-    """(a) images/s of forward+backward+step on one fixed batch already on the device."""
-    model = _model(cfg, device, channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-    crit = Criterion(cfg.loss.classification, "none", 0, 10)
-    step = make_step(model, opt, crit, None, autocast_for(device, amp))
-    bs = cfg.train.batch_size
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(bs, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (bs,), device=device)
-    for _ in range(warmup):
-        step(x, y)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
-    _sync(device)
-    return steps * bs / (time.perf_counter() - t)
+class BareStep:
+    """(a) forward+backward+step on one fixed batch already on the device: the model's ceiling."""
+
+    def __init__(self, cfg, device, amp, channels_last):
+        model = _model(cfg, device, channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+        crit = Criterion(cfg.loss.classification, "none", 0, 10)
+        self.step = make_step(model, opt, crit, None, autocast_for(device, amp))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.x = torch.randn(cfg.train.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, 10, (cfg.train.batch_size,), device=device)
+        self.device = device
+
+    def __call__(self, steps: int) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.step(self.x, self.y)
+        _sync(self.device)
+        return steps * len(self.y) / (time.perf_counter() - t)
 
 
-def cilab_trainer(cfg, device, amp, channels_last, n_task: int, n_exemplars: int, epochs: int) -> float:
-    """(b) images/s of trainer.train_task on uint8 data on the device, augmented, exemplars mixed in."""
-    x, y = _random_cifar(n_task + n_exemplars, 10)
-    x, y = x.to(device), y.to(device)
-    normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    loader = BatchLoader(x, y, cfg.train.batch_size, normalizer, True, gen, channels_last)
-    model = _model(cfg, device, channels_last)
-    crit = Criterion(cfg.loss.classification, "none", 0, 10)
-    train_cfg = cfg.train
-    # one warm-up epoch (allocator, kernels, compile), then the timed epochs
-    train_cfg.epochs, train_cfg.milestones = 1, []
-    train_task(model, loader, train_cfg, crit, None, 0, device, amp, progress=False)
-    _sync(device)
-    train_cfg.epochs = epochs
-    t = time.perf_counter()
-    images = train_task(model, loader, train_cfg, crit, None, 0, device, amp, progress=False)
-    _sync(device)
-    return images / (time.perf_counter() - t)
+class CilabTrainer:
+    """(b) trainer.train_task on uint8 data on the device, augmented, exemplars mixed in."""
+
+    def __init__(self, cfg, device, amp, channels_last, n_task: int, n_exemplars: int):
+        x, y = _random_cifar(n_task + n_exemplars, 10)
+        normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.loader = BatchLoader(x.to(device), y.to(device), cfg.train.batch_size, normalizer, True, gen, channels_last)
+        self.model = _model(cfg, device, channels_last)
+        self.crit = Criterion(cfg.loss.classification, "none", 0, 10)
+        self.cfg, self.device, self.amp = cfg.train, device, amp
+        self.cfg.milestones = []
+
+    def __call__(self, epochs: int) -> float:
+        self.cfg.epochs = epochs
+        _sync(self.device)
+        t = time.perf_counter()
+        images = train_task(self.model, self.loader, self.cfg, self.crit, None, 0, self.device, self.amp,
+                            progress=False)
+        _sync(self.device)
+        return images / (time.perf_counter() - t)
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -131,51 +135,63 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def reference_pipeline(cfg, device, amp, channels_last, n: int, epochs: int, workers: int) -> float:
-    """(c) images/s of the DataLoader + PIL transforms pipeline feeding the same model and step."""
-    from torchvision import transforms
+class ReferencePipeline:
+    """(c) torchvision-style Dataset of PIL images + transforms through a DataLoader with workers."""
 
-    x, y = _random_cifar(n, 10)
-    tf = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    ])
-    ds = _PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    model = _model(cfg, device, channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-    crit = Criterion(cfg.loss.classification, "none", 0, 10)
-    step = make_step(model, opt, crit, None, autocast_for(device, amp))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(self, cfg, device, amp, channels_last, n: int, workers: int):
+        from torchvision import transforms
 
-    def epoch() -> int:
-        seen = 0
-        for xb, yb in loader:
-            xb = xb.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            step(xb, yb.to(device, non_blocking=True))
-            seen += len(yb)
-        return seen
+        x, y = _random_cifar(n, 10)
+        tf = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+        ])
+        ds = _PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), tf)
+        self.loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
+                                                  num_workers=workers, pin_memory=device.type == "cuda",
+                                                  persistent_workers=workers > 0)
+        model = _model(cfg, device, channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+        crit = Criterion(cfg.loss.classification, "none", 0, 10)
+        self.step = make_step(model, opt, crit, None, autocast_for(device, amp))
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.device = device
 
-    epoch()  # warm-up: workers started, kernels chosen
-    _sync(device)
-    t = time.perf_counter()
-    images = sum(epoch() for _ in range(epochs))
-    _sync(device)
-    return images / (time.perf_counter() - t)
+    def __call__(self, epochs: int) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        images = 0
+        for _ in range(epochs):
+            for xb, yb in self.loader:
+                xb = xb.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+                self.step(xb, yb.to(self.device, non_blocking=True))
+                images += len(yb)
+        _sync(self.device)
+        return images / (time.perf_counter() - t)
 
 
 def throughput(args) -> dict:
+    """Rounds of a, b, c in turn; medians. Interleaving keeps drifting load
+    (another process, thermal state) from favouring whichever ran first."""
     cfg, device, amp, channels_last = _setup(args.overrides)
-    a = bare_step(cfg, device, amp, channels_last, args.steps, warmup=3)
-    b = cilab_trainer(cfg, device, amp, channels_last, args.images, args.exemplars, args.epochs)
-    c = reference_pipeline(cfg, device, amp, channels_last, args.images + args.exemplars, args.epochs, args.workers)
+    a = BareStep(cfg, device, amp, channels_last)
+    b = CilabTrainer(cfg, device, amp, channels_last, args.images, args.exemplars)
+    c = ReferencePipeline(cfg, device, amp, channels_last, args.images + args.exemplars, args.workers)
+    steps = max(1, (args.images + args.exemplars) // cfg.train.batch_size)  # about one epoch's worth
+    a(3), b(1), c(1)  # warm-up: allocator, kernel choice, compile, worker start
+    rounds = {"a": [], "b": [], "c": []}
+    for _ in range(args.rounds):
+        rounds["a"].append(a(steps * args.epochs))
+        rounds["b"].append(b(args.epochs))
+        rounds["c"].append(c(args.epochs))
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
         "benchmark": "throughput", **_device_info(device), "amp": amp, "channels_last": channels_last,
         "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
-        "images_per_epoch": args.images + args.exemplars, "epochs": args.epochs, "workers": args.workers,
-        "a_bare_step_img_s": a, "b_cilab_trainer_img_s": b, "c_reference_dataloader_img_s": c,
-        "b_over_a": b / a, "b_over_c": b / c,
+        "images_per_epoch": args.images + args.exemplars, "epochs_per_round": args.epochs, "rounds": args.rounds,
+        "workers": args.workers, "load_average_1min": os.getloadavg()[0],
+        "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
+        "b_over_a": med["b"] / med["a"], "b_over_c": med["b"] / med["c"], "all_rounds_img_s": rounds,
     }
 
 
@@ -226,10 +242,10 @@ def add_parser(sub) -> None:
                        description="Benchmarks; each prints one JSON object. See the README, section Speed.")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)")
-    t.add_argument("--steps", type=int, default=20, help="timed bare steps (a)")
     t.add_argument("--images", type=int, default=5000, help="task images per epoch for (b) and (c), plus --exemplars")
     t.add_argument("--exemplars", type=int, default=2000, help="exemplars mixed into the task data")
-    t.add_argument("--epochs", type=int, default=1, help="timed epochs for (b) and (c)")
+    t.add_argument("--epochs", type=int, default=1, help="timed epochs per round for (b) and (c); (a) does as many steps")
+    t.add_argument("--rounds", type=int, default=3, help="rounds of a, b, c in turn; the medians are reported")
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
     t.add_argument("--out", type=Path, help="also write the JSON here")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.device, train.amp, ...)")

@@ -186,7 +186,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         raise ConfigError(f"'{key}' must be a number, got {value!r}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"'{key}' must be a string, got {value!r}")
     raise TypeError(f"unsupported annotation {hint} for {key}")
