@@ -11,7 +11,10 @@ The order of work:
    different experiment stops everything with one clear message;
 2. run: each run is one call of :func:`run_one` (finished runs are skipped,
    interrupted or failed ones resumed from their last completed task); a run
-   that fails is reported and the others go on;
+   that fails is reported and the others go on. An executor decides where the
+   calls happen: here one after another (``--jobs 1``), in N processes of this
+   machine sharing its GPUs (``--jobs N``), or as tasks of a Ray cluster
+   (``--executor ray``); everything else is the same code for all three;
 3. report: ``cilab report`` on the group's run folders, into ``DIR/GROUP/report``,
    and a table of average incremental and final accuracy per variant and classifier.
 
@@ -20,13 +23,17 @@ Running the same command again therefore continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -302,21 +309,283 @@ def _result_line(res: RunResult, i: int, n: int) -> str:
     return head + f"{what}  {accs}"
 
 
-def run_all(specs: list[RunSpec], *, progress: bool = True, log: Callable[[str], None] | None = None) -> list[RunResult]:
-    """Every run in order, an overall bar at position 0 and each run's own bar beneath."""
+# -- executors: where the runs happen ---------------------------------------------------
+#
+# An executor is called with the runs to do (never the skipped ones) and
+# ``work``, the picklable function that does one (run_one with its options),
+# and yields ("start", spec) when it hands a run to a worker and
+# ("end", RunResult) when the run is over, in whatever order runs finish.
+# Planning, skipping, the progress bar, the result lines, failures and the
+# report are run_all's and reproduce's, the same code for every executor, so
+# a group gives the same run folders whichever way it ran. Executors are built
+# before the plan, so a bad option or a missing package stops the command
+# before any work.
+
+Event = tuple[str, "RunSpec | RunResult"]
+EXECUTORS: dict[str, type] = {}
+
+
+def register_executor(name: str):
+    """Register an executor class under ``--executor name``."""
+    def register(cls):
+        EXECUTORS[name] = cls
+        return cls
+    return register
+
+
+def make_executor(name: str = "local", **options):
+    """The executor ``name`` with the options given (None: its default); ConfigError for a bad name or option."""
+    if name not in EXECUTORS:
+        raise ConfigError(f"unknown executor '{name}'; executors: {', '.join(EXECUTORS)}")
+    cls = EXECUTORS[name]
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(set(given) - set(inspect.signature(cls).parameters))
+    if foreign:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} does not apply to --executor {name}")
+    return cls(**given)
+
+
+def _check_threads(threads) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be an integer >= 1, got {threads!r}")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset), not the host's
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _visible_gpus() -> list[str]:
+    """The GPU ids a worker may be given in CUDA_VISIBLE_DEVICES; [] without CUDA."""
+    import torch
+
+    n = torch.cuda.device_count()  # asks NVML: does not initialise CUDA in this process
+    if not n:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # ours may be a subset ("2,3"): hand out those ids
+    return ([i.strip() for i in visible.split(",")] if visible else [str(i) for i in range(n)])[:n]
+
+
+def _in_worker(work: Callable[[RunSpec], RunResult], spec: RunSpec, threads: int, env: dict | None = None,
+               cwd: str | None = None) -> RunResult:
+    """``work(spec)`` in a worker process, after giving the process its GPU, its threads and its folder."""
+    # CUDA reads CUDA_VISIBLE_DEVICES when it initialises, which no import does:
+    # set here, it limits this process to the GPU it was given.
+    os.environ.update(env or {})
+    if cwd:
+        os.chdir(cwd)  # (Ray) relative run folders and data paths mean what they meant to the command
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    # N runs that each use every core are 5-10x slower than N runs sharing them:
+    # PyTorch's CPU kernels oversubscribe. Limit torch's pool and the BLAS /
+    # OpenMP pools of numpy and scikit-learn (the knn / svm / mlp classifiers).
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+    return work(spec)
+
+
+def _process_main(conn, work, spec: RunSpec, threads: int, env: dict) -> None:
+    try:
+        conn.send(_in_worker(work, spec, threads, env))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reached the whole process group: the run saved what it finished; the command reports the stop
+
+
+@register_executor("local")
+class LocalExecutor:
+    """``jobs`` runs at once on this machine.
+
+    jobs=1: in this process, one after another, each run with its own progress
+    bar (what ``reproduce`` always did). jobs>1: each run in a fresh process
+    (spawned: a forked child would inherit this process's torch thread pools
+    and CUDA state half set up; fresh per run: it frees the run's GPU memory
+    and a crash or a kill costs that run only), given a GPU round-robin over
+    the visible ones (several runs per GPU when jobs exceeds them) and
+    max(1, cores // runs at once) CPU threads unless ``threads`` says otherwise.
+    """
+
+    active = "running"  # what the progress bar calls the runs handed to workers and not over yet
+
+    def __init__(self, jobs: int = 1, threads: int | None = None):
+        if not isinstance(jobs, int) or jobs < 1:
+            raise ConfigError(f"--jobs must be an integer >= 1, got {jobs!r}")
+        _check_threads(threads)
+        self.jobs, self.threads = jobs, threads
+
+    @property
+    def in_process(self) -> bool:
+        return self.jobs == 1
+
+    def __call__(self, specs: list[RunSpec], work) -> Iterator[Event]:
+        return self._here(specs, work) if self.in_process else self._processes(specs, work)
+
+    def _here(self, specs, work) -> Iterator[Event]:
+        import torch
+
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for spec in specs:
+                yield "start", spec
+                yield "end", work(spec)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _processes(self, specs, work) -> Iterator[Event]:
+        import multiprocessing
+        from multiprocessing.connection import wait
+
+        ctx = multiprocessing.get_context("spawn")
+        gpus = _visible_gpus()
+        threads = self.threads or max(1, _cpu_count() // min(self.jobs, len(specs)))
+        queue, live = list(specs), {}  # slot -> (process, its result pipe, spec, start time)
+        try:
+            while queue or live:
+                for slot in range(self.jobs):
+                    if slot in live or not queue:
+                        continue
+                    spec = queue.pop(0)
+                    env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_process_main, args=(send, work, spec, threads, env),
+                                       name=f"cilab {spec.name}")
+                    proc.start()
+                    send.close()  # the child holds the only write end: its exit, however it happens, wakes wait()
+                    live[slot] = (proc, recv, spec, time.perf_counter())
+                    yield "start", spec
+                ready = wait([c for _, c, _, _ in live.values()])
+                for slot, (proc, recv, spec, t0) in list(live.items()):
+                    if recv not in ready:
+                        continue
+                    try:
+                        res = recv.recv()
+                    except (EOFError, OSError):  # died without a word: killed (out of memory?) or crashed
+                        res = None
+                    proc.join()
+                    recv.close()
+                    del live[slot]
+                    yield "end", res or RunResult(spec, "failed", time.perf_counter() - t0,
+                                                  f"its worker process died (exit code {proc.exitcode})")
+        finally:
+            # Interrupted: a Ctrl-C in a terminal reaches every run, which stops
+            # and marks its folder interrupted; give them a moment, then stop
+            # what is left (their completed tasks are saved in any case).
+            deadline = time.monotonic() + 15
+            for proc, *_ in live.values():
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
+
+
+@register_executor("ray")
+class RayExecutor:
+    """Every run a Ray task: a local Ray (``address`` None) or a cluster ('auto', 'host:port').
+
+    Each task asks for ``gpus_per_run`` of a GPU (default 0.25 where the
+    cluster has GPUs: four runs share one; Ray sets the task's
+    CUDA_VISIBLE_DEVICES) and ``cpus_per_run`` cores, which is also its torch
+    thread count unless ``threads`` says otherwise. Workers write the run
+    folders themselves, so ``--out`` must be on a filesystem every node sees.
+    """
+
+    in_process = False
+    active = "on the cluster"  # Ray queues what it has no free resources for: running or waiting, we cannot tell
+
+    def __init__(self, address: str | None = None, gpus_per_run: float | None = None, cpus_per_run: float = 1.0,
+                 threads: int | None = None):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray, an optional extra: pip install 'cilab[ray]'") from None
+        if gpus_per_run is not None and (gpus_per_run < 0 or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run))):
+            raise ConfigError(f"--gpus-per-run must be a fraction of one GPU (0.25: four runs share one) or a whole "
+                              f"number of GPUs, got {gpus_per_run}")
+        if cpus_per_run <= 0:
+            raise ConfigError(f"--cpus-per-run must be > 0, got {cpus_per_run}")
+        _check_threads(threads)
+        self.address, self.gpus_per_run, self.cpus_per_run, self.threads = address, gpus_per_run, cpus_per_run, threads
+
+    def __call__(self, specs: list[RunSpec], work) -> Iterator[Event]:
+        import ray
+
+        started = not ray.is_initialized()  # a Ray set up by the caller (tests, a notebook) is used as it is
+        if started:
+            ray.init(address=self.address)  # None starts one on this machine; 'auto' joins the one `ray start` made
+        refs: dict = {}
+        pending: list = []
+        try:
+            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+            gpus = self.gpus_per_run if self.gpus_per_run is not None else (0.25 if has_gpus else 0)
+            if gpus and not has_gpus:  # the tasks would wait for a GPU forever
+                raise ConfigError(f"--gpus-per-run {gpus} but the Ray cluster has no GPU; pass --gpus-per-run 0")
+            # max_calls=1: a fresh worker process per run, which starts CUDA on
+            # the GPU Ray gave this task and frees the GPU memory when done.
+            task = ray.remote(num_cpus=self.cpus_per_run, num_gpus=gpus, max_calls=1)(_in_worker)
+            threads, cwd = self.threads or max(1, int(self.cpus_per_run)), os.getcwd()
+            for spec in specs:
+                ref = task.options(name=f"cilab {spec.name}").remote(work, spec, threads, None, cwd)
+                refs[ref] = spec
+                pending.append(ref)
+                yield "start", spec  # handed to the cluster; Ray starts it once a node has its resources free
+            while pending:
+                [ref], pending = ray.wait(pending, num_returns=1)
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:  # its worker died (out of memory, node lost): this run fails only
+                    res = RunResult(refs[ref], "failed", error=f"{type(e).__name__}: {e}")
+                yield "end", res
+        finally:
+            for ref in pending:  # interrupted: the runs stop as in a terminal, saving what they finished
+                ray.cancel(ref)
+            if started:
+                ray.shutdown()
+
+
+def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Every run of ``specs`` through ``executor`` (default: here, one after another); results in plan order.
+
+    One overall bar counts the runs finished and shows those running and the
+    failures; a run in this process also draws its own bar beneath it, but
+    runs in parallel do not (their bars would fight over the terminal).
+    """
     from tqdm.auto import tqdm
 
+    executor = executor or LocalExecutor()
     log = log or (lambda msg: tqdm.write(msg))
-    out = []
+    work = functools.partial(run_one, progress=progress and executor.in_process, position=1)
+    done: dict[str, RunResult] = {}
+    running: list[str] = []
     with tqdm(total=len(specs), desc=specs[0].group if specs else "runs", unit="run", position=0,
               disable=not progress, dynamic_ncols=True) as bar:
-        for i, spec in enumerate(specs, 1):
-            bar.set_postfix_str(spec.name)
-            res = run_one(spec, progress=progress, position=1, log=log)
-            out.append(res)
+        def finished(res: RunResult) -> None:
+            done[res.spec.name] = res
             bar.update(1)
-            log(_result_line(res, i, len(specs)))
-    return out
+            log(_result_line(res, len(done), len(specs)))
+
+        for spec in specs:  # complete runs are read here: no worker, no cluster needed for them
+            if spec.action == "skip":
+                finished(run_one(spec))
+        todo = [s for s in specs if s.action != "skip"]
+        if todo:
+            with contextlib.closing(executor(todo, work)) as events:
+                for kind, item in events:
+                    if kind == "start":
+                        running.append(item.name)
+                    else:
+                        running.remove(item.spec.name)
+                        finished(item)
+                    failed = sum(r.failed for r in done.values())
+                    bar.set_postfix_str("; ".join(
+                        ([f"{executor.active} {len(running)}: {', '.join(running)}"] if running else [])
+                        + ([f"failed {failed}"] if failed else [])))
+    # the plan's own spec objects: a worker sends back a copy
+    return [replace(done[s.name], spec=s) for s in specs]
 
 
 def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print):
@@ -336,14 +605,20 @@ def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log
 
 def reproduce(group: str, out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
               seeds: list[int] | None = None, overwrite: bool = False, progress: bool = True, report: bool = True,
-              draw_tsne: bool = True, log: Callable[[str], None] = print) -> tuple[list[RunResult], object]:
-    """Plan, run and report one group; returns the run results and the report (or None)."""
+              draw_tsne: bool = True, log: Callable[[str], None] = print, executor: str = "local",
+              **executor_options) -> tuple[list[RunResult], object]:
+    """Plan, run and report one group; returns the run results and the report (or None).
+
+    ``executor`` and its options (``jobs``, ``threads``; for Ray ``address``,
+    ``gpus_per_run``, ``cpus_per_run``) choose where the runs happen.
+    """
+    runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan(group, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
     for line in dropped_notes(specs):
         log(f"note: {line}")
     todo = sum(s.action != "skip" for s in specs)
     log(f"group {group}: {len(specs)} runs into {Path(out) / group} ({len(specs) - todo} already complete)")
-    res = run_all(specs, progress=progress)
+    res = run_all(specs, executor=runner, progress=progress)
     rep = None
     if report:
         try:
@@ -386,6 +661,10 @@ def add_parser(sub) -> None:
         "starts. Complete runs with the same config are skipped and interrupted or failed ones resumed from "
         "their last completed task, so the same command continues an interrupted reproduction. A run that "
         "fails is reported and the others go on; the exit status is then 1.\n\n"
+        "--jobs N runs N at once on this machine, each in its own process, spread round-robin over the visible "
+        "GPUs; --executor ray makes every run a Ray task on a Ray cluster (pip install 'cilab[ray]'); the run "
+        "folders and the report are the same either way. With Ray the workers write the run folders "
+        "themselves: --out must be on a filesystem every node sees, at the same path.\n\n"
         "key=value overrides (positional or with --set) apply to every run, after the run's own; an override "
         "of memory.* is left out of runs whose method keeps no exemplars (finetune, joint, lwf) and one of "
         "loss.distillation out of runs that do not distill (finetune, joint), with a note.",
@@ -408,7 +687,29 @@ def add_parser(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-tsne", action="store_true", help="leave the t-SNE figure out of the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    par = p.add_argument_group("running in parallel")
+    par.add_argument("--jobs", type=int, metavar="N",
+                     help="runs at once on this machine (default 1: one after another, in this process); each in its "
+                     "own process, given a GPU round-robin over the visible ones (several per GPU when N exceeds "
+                     "them); one overall progress bar, no per-run bars")
+    par.add_argument("--threads", type=int, metavar="N",
+                     help="PyTorch CPU threads per run (default: the cores divided by the runs at once; with Ray "
+                     "--cpus-per-run); results are bit-identical only between runs with the same thread count")
+    par.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                     help="local (default): this machine, see --jobs; ray: every run a Ray task on a Ray cluster "
+                     "(pip install 'cilab[ray]'), --out on a filesystem every node sees")
+    par.add_argument("--address", metavar="ADDR",
+                     help="(ray) the cluster to join: 'auto' (the cluster `ray start` made on this machine) or "
+                     "HOST:PORT; default: start a Ray on this machine alone")
+    par.add_argument("--gpus-per-run", type=float, metavar="F",
+                     help="(ray) GPUs each run asks for: 0.25 lets four runs share a GPU (default 0.25 when the "
+                     "cluster has GPUs, else 0)")
+    par.add_argument("--cpus-per-run", type=float, metavar="F", help="(ray) CPU cores each run asks for (default 1)")
     p.set_defaults(func=cmd_reproduce)
+
+
+def _executor_args(args) -> tuple[str, dict]:
+    return args.executor, {k: getattr(args, k) for k in ("jobs", "threads", "address", "gpus_per_run", "cpus_per_run")}
 
 
 def cmd_reproduce(args) -> int:
@@ -422,7 +723,9 @@ def cmd_reproduce(args) -> int:
         raise ConfigError("--out DIR is required: runs go to DIR/GROUP/<run>")
     overrides = list(args.set_overrides) + list(args.overrides)
     seeds = _parse_seeds(args.seeds)
+    name, options = _executor_args(args)
     if args.dry_run:
+        make_executor(name, **options)  # its options are checked too
         specs = plan(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite)
         for s in specs:
             print(f"{s.action:9s} {s.folder}  {s.preset} {' '.join(s.overrides)}")
@@ -431,13 +734,17 @@ def cmd_reproduce(args) -> int:
         return 0
     try:
         res, rep = reproduce(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
-                             progress=not args.quiet, report=not args.no_report, draw_tsne=not args.no_tsne)
+                             progress=not args.quiet, report=not args.no_report, draw_tsne=not args.no_tsne,
+                             executor=name, **options)
     except KeyboardInterrupt:
         cmd = ["cilab", "reproduce", args.group, "--out", str(args.out), *overrides]
         if args.seeds:
             cmd += ["--seeds", args.seeds]
         if args.groups_file:
             cmd += ["--groups-file", str(args.groups_file)]
+        if name != "local":
+            cmd += ["--executor", name]
+        cmd += [x for k, v in options.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
         print("\ninterrupted; complete runs and completed tasks are saved. Continue with:\n  "
               + " ".join(map(shlex.quote, cmd)), file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,0 +1,167 @@
+"""cilab reproduce --jobs N and --executor ray: the numbers of one run after another, failures contained.
+
+Real iCaRL runs on a digits subset (30 training and 10 test images per digit,
+two tasks, one epoch, ResNet-20). Floats agree only between runs with the same
+torch thread count, so every run here, the sequential reference included, uses
+one thread (threads=1 / --threads 1). The group holds a third run whose own
+override (train.lr=1e30) passes every check of the plan and then diverges: the
+run fails while the others finish.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cilab import cli, reproduce as rp, results
+from cilab.config import ConfigError
+from cilab.reproduce import LocalExecutor, RunResult, RunSpec, make_executor, reproduce
+
+from test_report import tiny_npz, tiny_overrides
+
+GROUPS = {"par": {"runs": [
+    {"preset": "icarl", "seeds": [0, 1]},
+    {"preset": "icarl", "tag": "diverges", "seeds": [0], "overrides": ["train.lr=1e30"]},
+]}}
+GOOD = ["icarl-s0", "icarl-s1"]
+BAD = "icarl-diverges-s0"
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return tiny_npz(tmp_path_factory.mktemp("data") / "digits.npz", per_class=30, test_per_class=10)
+
+
+@pytest.fixture(scope="module")
+def overrides(npz):
+    return tiny_overrides(npz, tasks=2)
+
+
+def numbers(folder: Path) -> dict:
+    """What must not depend on where a run ran: class order, every accuracy, the final weights."""
+    m = results.read_metrics(folder)
+    task, path = results.last_checkpoint(folder)
+    weights = results.load_checkpoint(path)["model"]
+    return {"class_order": m["class_order"], "tasks": m["tasks"], "completed": task + 1,
+            **{c: {k: m[c][k] for k in ("accuracy", "current_task_accuracy", "accuracy_matrix")}
+               for c in m["classifiers"]},
+            "weights": {k: v.flatten().tolist() for k, v in weights.items()}}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, overrides):
+    """The good runs one after another in this process (the default executor), one thread."""
+    out = tmp_path_factory.mktemp("sequential")
+    groups = {"par": {"runs": GROUPS["par"]["runs"][:1]}}
+    res, _ = reproduce("par", out, overrides, groups=groups, progress=False, report=False, threads=1)
+    assert [r.status for r in res] == ["done", "done"]
+    return {name: numbers(out / "par" / name) for name in GOOD}
+
+
+def check_group(out: Path, res: list[RunResult], reference: dict) -> None:
+    by = {r.spec.name: r for r in res}
+    assert [r.spec.name for r in res] == GOOD + [BAD]  # plan order, whatever order they finished in
+    for name in GOOD:
+        assert by[name].status == "done" and results.is_complete(out / name)
+        assert numbers(out / name) == reference[name], name
+    assert by[BAD].failed and "NonFiniteLossError" in by[BAD].error and "1e+30" in by[BAD].error
+    assert (out / BAD / results.CONFIG).exists() and not results.is_complete(out / BAD)  # retried next time
+
+
+def test_jobs_2_gives_the_numbers_of_one_run_after_another(tmp_path, overrides, reference, capsys, monkeypatch):
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_text(yaml.safe_dump(GROUPS))
+    out = tmp_path / "rep"
+    argv = ["reproduce", "par", "--out", str(out), "--groups-file", str(gfile), "--jobs", "2", "--threads", "1",
+            "--no-tsne", *overrides]
+    used, real = [], rp.run_all
+    monkeypatch.setattr(rp, "run_all", lambda specs, **kw: used.append(kw["executor"]) or real(specs, **kw))
+    assert cli.main(argv) == 1  # one run failed
+    assert isinstance(used[0], LocalExecutor) and (used[0].jobs, used[0].threads) == (2, 1)
+    io = capsys.readouterr()
+    assert f"FAILED {BAD}" in io.err and "the loss became nan" in io.err
+    assert "2 done, 1 failed" in io.out and "avg incremental acc" in io.out
+    for name in GOOD:
+        assert numbers(out / "par" / name) == reference[name], name
+    assert (out / "par" / BAD / results.CONFIG).exists() and not results.is_complete(out / "par" / BAD)
+    summary = (out / "par" / "report" / "summary.csv").read_text()
+    assert ",icarl," in summary and "diverges" not in summary  # the numbers are those of the runs that finished
+    report = (out / "par" / "report" / "report.md").read_text().splitlines()
+    assert any(BAD in line and "incomplete" in line for line in report)  # the failed run is marked
+
+    # the same command again: the complete runs are skipped, only the failed one runs (and fails) again
+    stamps = {p: p.stat().st_mtime_ns for name in GOOD for p in (out / "par" / name).rglob("*")}
+    assert cli.main(argv) == 1
+    io = capsys.readouterr()
+    assert "2 skipped, 1 failed" in io.out and f"FAILED {BAD}" in io.err
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def probe(spec: RunSpec) -> RunResult:
+    """A stand-in for run_one, in a worker: where it ran, with what, and at the same time as the others."""
+    marks = spec.folder.parent
+    (marks / f"{spec.name}.started").touch()
+    if spec.name == "crash":
+        os._exit(3)  # a hard death (as when the kernel kills a process out of memory): no exception, no result
+    deadline = time.monotonic() + 120  # every worker waits for all three: passes only if they run at once
+    while len(list(marks.glob("*.started"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return RunResult(spec, "done", metrics={"pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                            "threads": torch.get_num_threads(),
+                                            "together": len(list(marks.glob("*.started"))) == 3})
+
+
+def test_workers_are_processes_with_their_gpu_and_threads_and_a_crash_costs_one_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0", "1"])  # two GPUs, three runs: 0, 1, 0
+    specs = [RunSpec("g", n, n, "icarl", 0, [], None, tmp_path / n) for n in ("a", "b", "crash")]
+    events = list(LocalExecutor(jobs=3)(specs, probe))
+    assert [k for k, _ in events[:3]] == ["start"] * 3
+    ends = {r.spec.name: r for k, r in events if k == "end"}
+    assert ends["crash"].failed and "worker process died (exit code 3)" in ends["crash"].error
+    a, b = ends["a"].metrics, ends["b"].metrics
+    assert a["together"] and b["together"]
+    assert len({a["pid"], b["pid"], os.getpid()}) == 3
+    assert (a["gpu"], b["gpu"]) == ("0", "1")
+    assert a["threads"] == b["threads"] == max(1, rp._cpu_count() // 3)  # the cores shared, not oversubscribed
+
+
+def test_executor_options_are_checked_before_any_work(tmp_path, overrides, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="--jobs must be an integer >= 1"):
+        make_executor("local", jobs=0)
+    with pytest.raises(ConfigError, match="unknown executor 'slurm'"):
+        make_executor("slurm")
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_text(yaml.safe_dump(GROUPS))
+    argv = ["reproduce", "par", "--out", str(tmp_path / "rep"), "--groups-file", str(gfile), *overrides]
+    assert cli.main(argv + ["--address", "auto"]) == 2
+    assert "--address does not apply to --executor local" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert cli.main(argv + ["--executor", "ray"]) == 2
+    assert "pip install 'cilab[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    ray = pytest.importorskip("ray")  # `make test` installs the ray extra; skipped only where it is missing
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # local, CPU only, no network
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_gives_the_same_numbers(tmp_path, overrides, reference, local_ray):
+    with pytest.raises(ConfigError, match="--jobs does not apply to --executor ray"):
+        make_executor("ray", jobs=2)
+    with pytest.raises(ConfigError, match="has no GPU"):  # a GPU request on a CPU cluster would wait forever
+        reproduce("par", tmp_path, overrides, groups=GROUPS, progress=False, report=False, executor="ray",
+                  gpus_per_run=0.25)
+    res, rep = reproduce("par", tmp_path, overrides, groups=GROUPS, progress=False, draw_tsne=False,
+                         executor="ray", cpus_per_run=1, threads=1)
+    check_group(tmp_path / "par", res, reference)
+    assert {r["variant"] for r in rep.rows} == {"icarl"}
+    assert local_ray.is_initialized()  # a Ray the caller started is left running
