@@ -148,14 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     import importlib
 
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"cilab.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"cilab.{name}":
-                raise
-            continue  # command not built yet
-        module.add_parser(sub)
+    for name in COMMAND_MODULES:  # imported here, not at the top: `cilab run` need not load them
+        importlib.import_module(f"cilab.{name}").add_parser(sub)
     return parser
 
 
