@@ -278,13 +278,7 @@ class Protocol:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.metrics = state["metrics"]
-        if "confusion" in state:
-            self.confusion = dict(state["confusion"])
-        else:  # checkpoints written before the confusion matrices moved into them
-            conf = self.out / results.CONFUSION
-            if conf.exists():
-                with np.load(conf) as z:
-                    self.confusion = {k: z[k] for k in z.files}
+        self.confusion = dict(state["confusion"])
         self._saved_metrics = copy.deepcopy(self.metrics)
         self.log(f"resuming {self.out} after task {task + 1}/{self.scenario.num_tasks}")
         return task + 1
