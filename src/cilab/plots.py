@@ -230,7 +230,7 @@ def plot_exemplar_grid(images: list, row_labels: list[str], path: Path, *, title
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([pad + r * cell + hw / 2 for r in range(rows)], row_labels, fontsize=8)
     ax.set_xticks([pad + k * cell + hw / 2 for k in range(per_class)], [str(k + 1) for k in range(per_class)], fontsize=8)
-    ax.set(title=title, xlabel="exemplar, in memory order (herding: most representative first)", ylabel="class")
+    ax.set(title=title, xlabel="exemplar, in memory order (cutting keeps the first)", ylabel="class")
     ax.tick_params(length=0)
     for s in ax.spines.values():
         s.set_visible(False)
