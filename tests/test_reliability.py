@@ -306,6 +306,7 @@ def _damaged(path: Path, how: str) -> Path:
     (["train.lr=fast"], "'train.lr' must be a number, got 'fast'"),
     (["scenario.num_tasks=4"], "scenario.num_tasks=4 does not divide the 10 classes"),
     pytest.param(["train.device=cuda"], "train.device=cuda but no CUDA GPU is visible", marks=NO_GPU),
+    pytest.param(["train.cuda_graphs=on"], "train.cuda_graphs=on needs a CUDA device", marks=NO_GPU),
     (["data.name=cifar100", "data.root={tmp}", "data.download=false"], "CIFAR-100 not found in"),
     (["data.name=npz", "data.path={tmp}/none.npz", "scenario.num_tasks=2"], "none.npz' not found"),
     (["data.name=npz", "data.path={truncated}", "scenario.num_tasks=2"], "is damaged"),

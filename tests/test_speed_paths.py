@@ -1,14 +1,19 @@
-"""The CUDA fast paths (bf16 autocast, channels_last) and the no-sync loop, checked on the CPU."""
+"""The CUDA fast paths (bf16 autocast, channels_last, CUDA-graph capture) and the no-sync loop, checked on the CPU."""
 
+import contextlib
+import copy
+
+import pytest
 import torch
 
-from cilab.config import build_config
+from cilab import trainer
+from cilab.config import ConfigError, build_config
 from cilab.data import BatchLoader
 from cilab.data.loader import Normalizer
-from cilab.experiment import resolve_amp, resolve_channels_last, run
+from cilab.experiment import resolve_amp, resolve_channels_last, resolve_cuda_graphs, run
 from cilab.losses import Criterion
 from cilab.models import create_model
-from cilab.trainer import train_task
+from cilab.trainer import GraphBackend, GraphCaptureError, GraphedStep, autocast_for, build_step, train_task
 
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
         "memory.size=40"]
@@ -76,3 +81,133 @@ def test_training_loop_reads_the_loss_only_a_few_times_per_epoch(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     train_task(model, loader, cfg, Criterion("bce", "none", 0, 10), None, 0, torch.device("cpu"), progress=False)
     assert len(calls) == 3 * 2  # log_every reads per epoch, not one per batch (60 batches)
+
+
+# -- CUDA-graph capture of the step ------------------------------------------------------------
+# torch.cuda.graph cannot run on a CPU, so these tests put a stand-in backend
+# behind GraphedStep that keeps a capture's contract: capturing runs nothing
+# (every tensor is left as it was), a replay recomputes the recorded step from
+# the static inputs into the static output, and the Python numbers of the step
+# (the learning rate) stay those of the capture. What they check is GraphedStep
+# and the loop around it: warm-up, a capture per batch shape and learning rate,
+# the copy of each batch into the static inputs, the loss handed back.
+# tests/test_cuda.py runs the real capture where a GPU is present.
+
+
+class StandInCapture(GraphBackend):
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer  # optimizer: () -> the step's optimiser
+        self.warmups = self.captures = self.replays = 0
+
+    def _state(self):
+        opt = self.optimizer()
+        bufs = [opt.state[p]["momentum_buffer"] for p in self.model.parameters() if p in opt.state]
+        return [*self.model.parameters(), *self.model.buffers(), *bufs]
+
+    def warmup(self):
+        self.warmups += 1
+        return contextlib.nullcontext()
+
+    def capture(self, fn):
+        self.captures += 1
+        saved = [t.detach().clone() for t in self._state()]
+        out = fn().detach().clone()
+        with torch.no_grad():  # a real capture executes nothing: undo the step
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+        groups = self.optimizer().param_groups
+        frozen_lrs = [g["lr"] for g in groups]  # a graph keeps the kernel arguments of its capture
+
+        def replay():
+            self.replays += 1
+            now = [g["lr"] for g in groups]
+            for g, lr in zip(groups, frozen_lrs):
+                g["lr"] = lr
+            out.copy_(fn().detach())
+            for g, lr in zip(groups, now):
+                g["lr"] = lr
+
+        return replay, out
+
+
+class FailingCapture(StandInCapture):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _graph_case(monkeypatch, graphs, backend_cls, epochs=5):
+    """Trains a fresh seeded ResNet-32 with distillation on 16x16 images: 200 images in batches
+    of 32 (6 full batches and a last one of 8), the lr cut after epoch 1. Returns the model and the backend."""
+    made = []
+    real_make = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda *a: made.append(real_make(*a)) or made[-1])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=g)
+    loader = BatchLoader(x, torch.arange(200) % 10, 32, Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)),
+                         True, torch.Generator().manual_seed(0), channels_last=True)
+    torch.manual_seed(0)
+    model = create_model(build_config("icarl").model, 10).to(memory_format=torch.channels_last)
+    old = copy.deepcopy(model).eval().requires_grad_(False)
+    milestones = "[1]" if epochs > 1 else "[]"
+    cfg = build_config("icarl", [f"train.epochs={epochs}", f"train.milestones={milestones}", "train.lr=0.5"]).train
+    backend = backend_cls(model, lambda: made[-1][0]) if backend_cls else None
+    train_task(model, loader, cfg, Criterion("bce", "bce", 5, 10), old, 1, torch.device("cpu"), progress=False,
+               graphs=graphs, capture=backend)
+    return model, backend
+
+
+def test_graphed_training_equals_eager_training_bit_for_bit(monkeypatch):
+    eager, _ = _graph_case(monkeypatch, "off", None)
+    graphed, backend = _graph_case(monkeypatch, "on", StandInCapture)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # 5 epochs x 7 batches, the lr cut after epoch 1. Each shape (32, and 8 for the last
+    # batch) warms up 3 times; the full batches are captured in epoch 1 and again for
+    # the new lr in epoch 2, the last batch in epoch 4. Every other batch is a replay.
+    assert backend.warmups == 6 and backend.captures == 3
+    assert backend.replays == 5 * 7 - 6
+
+
+def test_graphed_step_returns_each_batch_loss_and_copies_each_batch_in():
+    torch.manual_seed(0)
+    models = [create_model(build_config("icarl").model, 10) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = build_config("icarl", ["train.lr=0.5"]).train
+    crit = Criterion("bce", "none", 0, 10)
+    eager, _, _ = build_step(models[0], cfg, crit, None, torch.device("cpu"))
+    step, opt, _ = build_step(models[1], cfg, crit, None, torch.device("cpu"))
+    backend = StandInCapture(models[1], lambda: opt)
+    graphed = GraphedStep(step, opt, backend, strict=True, warmup=1)
+    g = torch.Generator().manual_seed(2)
+    for i in range(4):
+        x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+        expected, got = eager(x, y), graphed(x, y)
+        assert torch.equal(expected, got), i
+    assert backend.captures == 1 and backend.replays == 3
+
+
+def test_a_failed_capture_is_an_error_with_on_and_falls_back_with_auto(monkeypatch):
+    with pytest.raises(GraphCaptureError, match="set train.cuda_graphs=off"):
+        _graph_case(monkeypatch, "on", FailingCapture, epochs=1)
+    eager, _ = _graph_case(monkeypatch, "off", None, epochs=2)
+    with pytest.warns(RuntimeWarning, match="training on with eager steps"):
+        fallback, backend = _graph_case(monkeypatch, "try", FailingCapture, epochs=2)
+    for a, b in zip(eager.state_dict().values(), fallback.state_dict().values()):
+        assert torch.equal(a, b)
+    assert backend.warmups == 3  # 3 full batches, then the failed capture: eager for good
+
+
+def test_cuda_graphs_setting_resolves_per_device(tmp_path):
+    cfg = build_config("icarl").train
+    assert resolve_cuda_graphs(cfg, torch.device("cpu")) == "off"
+    assert resolve_cuda_graphs(cfg, torch.device("cuda")) == "try"
+    cfg.cuda_graphs = "on"
+    assert resolve_cuda_graphs(cfg, torch.device("cuda")) == "on"
+    with pytest.raises(ConfigError, match="train.cuda_graphs=on needs a CUDA device"):
+        resolve_cuda_graphs(cfg, torch.device("cpu"))
+    cfg.cuda_graphs = "off"
+    assert resolve_cuda_graphs(cfg, torch.device("cuda")) == "off"
+
+
+def test_autocast_leaves_the_weight_cache_off_for_capture():
+    assert autocast_for(torch.device("cpu"), "bf16")._cache_enabled is False

@@ -10,9 +10,11 @@ images per second of
       transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
       Normalize) through torch.utils.data.DataLoader with workers, feeding
       the same model and step;
-and the ratios b/a and b/c. All three use the same model, memory format,
-autocast and loss (the first task's BCE, no distillation, so the three do
-the same arithmetic per image).
+and the ratios b/a and b/c. All three run the trainer's own step
+(``trainer.build_step``: the same model, memory format, autocast, SGD,
+and on CUDA the same CUDA-graph capture) with the first task's loss (BCE, no
+distillation), so they do the same arithmetic per image and differ only in
+how the batches reach the step.
 
 ``cilab bench protocol`` times a whole iCaRL run (training, memory, evaluation).
 
@@ -34,10 +36,10 @@ import torch
 
 from .config import build_config
 from .data.loader import BatchLoader, Normalizer
-from .experiment import resolve_amp, resolve_channels_last, resolve_device
+from .experiment import resolve_amp, resolve_channels_last, resolve_cuda_graphs, resolve_device
 from .losses import Criterion
 from .models import create_model
-from .trainer import autocast_for, make_step, train_task
+from .trainer import GraphedStep, build_step, train_task
 
 
 def _sync(device):
@@ -53,19 +55,30 @@ def _device_info(device) -> dict:
     return info
 
 
-def _setup(train_overrides: list[str]):
-    cfg = build_config("icarl", ["data.name=digits", *train_overrides])
-    device = resolve_device(cfg.train)
-    amp = resolve_amp(cfg.train, device)
-    channels_last = resolve_channels_last(cfg.train, device)
-    return cfg, device, amp, channels_last
+class Setup:
+    """The config and what it resolves to on this machine, shared by a, b and c."""
 
+    def __init__(self, train_overrides: list[str]):
+        self.cfg = build_config("icarl", ["data.name=digits", *train_overrides])
+        self.device = resolve_device(self.cfg.train)
+        self.amp = resolve_amp(self.cfg.train, self.device)
+        self.channels_last = resolve_channels_last(self.cfg.train, self.device)
+        self.graphs = resolve_cuda_graphs(self.cfg.train, self.device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
-def _model(cfg, device, channels_last, num_classes=100):
-    torch.manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model(cfg.model, num_classes).to(device, memory_format=fmt)
-    return torch.compile(model) if cfg.train.compile else model
+    def model(self, num_classes: int = 100) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = create_model(self.cfg.model, num_classes).to(self.device, memory_format=self.memory_format)
+        return torch.compile(model) if self.cfg.train.compile else model
+
+    def criterion(self) -> Criterion:
+        # the first task's loss: BCE over all outputs, no distillation
+        return Criterion(self.cfg.loss.classification, "none", 0, 10)
+
+    def step(self, model):
+        """The trainer's own step (optimiser, autocast, CUDA graph), as train_task builds it."""
+        step, _, _ = build_step(model, self.cfg.train, self.criterion(), None, self.device, self.amp, self.graphs)
+        return step
 
 
 def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +91,11 @@ def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor
 class BareStep:
     """(a) forward+backward+step on one fixed batch already on the device: the model's ceiling."""
 
-    def __init__(self, cfg, device, amp, channels_last):
-        model = _model(cfg, device, channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-        crit = Criterion(cfg.loss.classification, "none", 0, 10)
-        self.step = make_step(model, opt, crit, None, autocast_for(device, amp))
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.x = torch.randn(cfg.train.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-        self.y = torch.randint(0, 10, (cfg.train.batch_size,), device=device)
+    def __init__(self, setup: Setup):
+        self.step = setup.step(setup.model())
+        n, device = setup.cfg.train.batch_size, setup.device
+        self.x = torch.randn(n, 3, 32, 32, device=device).contiguous(memory_format=setup.memory_format)
+        self.y = torch.randint(0, 10, (n,), device=device)
         self.device = device
 
     def __call__(self, steps: int) -> float:
@@ -100,14 +110,16 @@ class BareStep:
 class CilabTrainer:
     """(b) trainer.train_task on uint8 data on the device, augmented, exemplars mixed in."""
 
-    def __init__(self, cfg, device, amp, channels_last, n_task: int, n_exemplars: int):
+    def __init__(self, setup: Setup, n_task: int, n_exemplars: int):
         x, y = _random_cifar(n_task + n_exemplars, 10)
+        device = setup.device
         normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
         gen = torch.Generator(device=device).manual_seed(0)
-        self.loader = BatchLoader(x.to(device), y.to(device), cfg.train.batch_size, normalizer, True, gen, channels_last)
-        self.model = _model(cfg, device, channels_last)
-        self.crit = Criterion(cfg.loss.classification, "none", 0, 10)
-        self.cfg, self.device, self.amp = cfg.train, device, amp
+        self.loader = BatchLoader(x.to(device), y.to(device), setup.cfg.train.batch_size, normalizer, True, gen,
+                                  setup.channels_last)
+        self.model = setup.model()
+        self.crit = setup.criterion()
+        self.cfg, self.device, self.amp, self.graphs = setup.cfg.train, device, setup.amp, setup.graphs
         self.cfg.milestones = []
 
     def __call__(self, epochs: int) -> float:
@@ -115,7 +127,7 @@ class CilabTrainer:
         _sync(self.device)
         t = time.perf_counter()
         images = train_task(self.model, self.loader, self.cfg, self.crit, None, 0, self.device, self.amp,
-                            progress=False)
+                            progress=False, graphs=self.graphs)
         _sync(self.device)
         return images / (time.perf_counter() - t)
 
@@ -138,7 +150,7 @@ class _PILDataset(torch.utils.data.Dataset):
 class ReferencePipeline:
     """(c) torchvision-style Dataset of PIL images + transforms through a DataLoader with workers."""
 
-    def __init__(self, cfg, device, amp, channels_last, n: int, workers: int):
+    def __init__(self, setup: Setup, n: int, workers: int):
         from torchvision import transforms
 
         x, y = _random_cifar(n, 10)
@@ -147,15 +159,12 @@ class ReferencePipeline:
             transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
         ])
         ds = _PILDataset(x.permute(0, 2, 3, 1).numpy(), y.numpy(), tf)
-        self.loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
-                                                  num_workers=workers, pin_memory=device.type == "cuda",
+        self.device = setup.device
+        self.loader = torch.utils.data.DataLoader(ds, batch_size=setup.cfg.train.batch_size, shuffle=True,
+                                                  num_workers=workers, pin_memory=self.device.type == "cuda",
                                                   persistent_workers=workers > 0)
-        model = _model(cfg, device, channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-        crit = Criterion(cfg.loss.classification, "none", 0, 10)
-        self.step = make_step(model, opt, crit, None, autocast_for(device, amp))
-        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.device = device
+        self.step = setup.step(setup.model())
+        self.fmt = setup.memory_format
 
     def __call__(self, epochs: int) -> float:
         _sync(self.device)
@@ -173,22 +182,28 @@ class ReferencePipeline:
 def throughput(args) -> dict:
     """Rounds of a, b, c in turn; medians. Interleaving keeps drifting load
     (another process, thermal state) from favouring whichever ran first."""
-    cfg, device, amp, channels_last = _setup(args.overrides)
-    a = BareStep(cfg, device, amp, channels_last)
-    b = CilabTrainer(cfg, device, amp, channels_last, args.images, args.exemplars)
-    c = ReferencePipeline(cfg, device, amp, channels_last, args.images + args.exemplars, args.workers)
+    setup = Setup(args.overrides)
+    cfg, device = setup.cfg, setup.device
+    a = BareStep(setup)
+    b = CilabTrainer(setup, args.images, args.exemplars)
+    c = ReferencePipeline(setup, args.images + args.exemplars, args.workers)
     steps = max(1, (args.images + args.exemplars) // cfg.train.batch_size)  # about one epoch's worth
-    a(3), b(1), c(1)  # warm-up: allocator, kernel choice, compile, worker start
+    # The trainer warms up and captures its CUDA graphs once per call, as it
+    # does once per task; on a GPU an epoch is a fraction of a second, so a
+    # round is 20 epochs there to weigh that as a task of the protocol would.
+    epochs = args.epochs or (20 if device.type == "cuda" else 1)
+    # warm-up: allocator, kernel choice, compile, worker start, and (a)'s capture
+    a(GraphedStep.WARMUP + 2), b(1), c(1)
     rounds = {"a": [], "b": [], "c": []}
     for _ in range(args.rounds):
-        rounds["a"].append(a(steps * args.epochs))
-        rounds["b"].append(b(args.epochs))
-        rounds["c"].append(c(args.epochs))
+        rounds["a"].append(a(steps * epochs))
+        rounds["b"].append(b(epochs))
+        rounds["c"].append(c(epochs))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
-        "benchmark": "throughput", **_device_info(device), "amp": amp, "channels_last": channels_last,
-        "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
-        "images_per_epoch": args.images + args.exemplars, "epochs_per_round": args.epochs, "rounds": args.rounds,
+        "benchmark": "throughput", **_device_info(device), "amp": setup.amp, "channels_last": setup.channels_last,
+        "cuda_graphs": setup.graphs, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
         "b_over_a": med["b"] / med["a"], "b_over_c": med["b"] / med["c"], "all_rounds_img_s": rounds,
@@ -229,6 +244,7 @@ def protocol(args) -> dict:
     tm = m["timing"]
     return {
         "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
+        "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"],
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
@@ -244,7 +260,8 @@ def add_parser(sub) -> None:
     t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)")
     t.add_argument("--images", type=int, default=5000, help="task images per epoch for (b) and (c), plus --exemplars")
     t.add_argument("--exemplars", type=int, default=2000, help="exemplars mixed into the task data")
-    t.add_argument("--epochs", type=int, default=1, help="timed epochs per round for (b) and (c); (a) does as many steps")
+    t.add_argument("--epochs", type=int, default=0,
+                   help="timed epochs per round for (b) and (c), (a) does as many steps; 0 = 1 on CPU, 20 on CUDA")
     t.add_argument("--rounds", type=int, default=3, help="rounds of a, b, c in turn; the medians are reported")
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
     t.add_argument("--out", type=Path, help="also write the JSON here")

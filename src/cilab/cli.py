@@ -20,9 +20,9 @@ EXIT_USAGE = 2
 def _user_errors():
     from .data import DatasetError
     from .experiment import RunFolderError
-    from .trainer import NonFiniteLossError
+    from .trainer import GraphCaptureError, NonFiniteLossError
 
-    return (ConfigError, DatasetError, RunFolderError, NonFiniteLossError)
+    return (ConfigError, DatasetError, RunFolderError, NonFiniteLossError, GraphCaptureError)
 
 
 # -- cilab run ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on cuda, off on cpu) | bf16 | off
     channels_last: str = "auto"  # auto (= on; faster on CUDA and CPU) | on | off
     compile: bool = False  # torch.compile the model
+    cuda_graphs: str = "auto"  # auto (on CUDA; falls back to eager if capture fails) | on | off
     log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
 
 
@@ -360,6 +361,7 @@ def validate(cfg: Config) -> None:
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _choice("train.amp", t.amp, ["auto", "bf16", "off"])
     _choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
+    _choice("train.cuda_graphs", t.cuda_graphs, ["auto", "on", "off"])
 
     _choice("loss.classification", cfg.loss.classification, CLASSIFICATION_LOSSES)
     _choice("loss.distillation", cfg.loss.distillation, DISTILLATION_LOSSES)

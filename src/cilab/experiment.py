@@ -63,6 +63,17 @@ def resolve_channels_last(train_cfg, device: torch.device) -> bool:
     return train_cfg.channels_last in ("auto", "on")
 
 
+def resolve_cuda_graphs(train_cfg, device: torch.device) -> str:
+    """``train.cuda_graphs`` for ``device``: "off", "on" (capture failure is an
+    error) or "try" (auto on CUDA: capture, fall back to eager steps if it fails)."""
+    if train_cfg.cuda_graphs == "on" and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs=on needs a CUDA device, and this run trains on {device.type}; "
+                          "use train.cuda_graphs=auto (on where CUDA is) or off")
+    if train_cfg.cuda_graphs == "auto":
+        return "try" if device.type == "cuda" else "off"
+    return train_cfg.cuda_graphs
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,6 +149,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     # the data and the task split.
     clear = check_run_folder(out, cfg, resume, overwrite)
     device = resolve_device(cfg.train)  # refuses cuda without a GPU before any work
+    resolve_cuda_graphs(cfg.train, device)  # refuses cuda_graphs=on without CUDA
     data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
         scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names)
@@ -227,6 +239,7 @@ class Protocol:
         self.method = METHODS[cfg.method]
         self.amp = resolve_amp(cfg.train, device)
         self.channels_last = resolve_channels_last(cfg.train, device)
+        self.graphs = resolve_cuda_graphs(cfg.train, device)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         # Whole splits on the device, labels remapped so output i = i-th class of the order.
@@ -247,6 +260,7 @@ class Protocol:
             "dataset": cfg.data.name, "class_order": scenario.class_order, "class_names": scenario.ordered_names,
             "tasks": scenario.tasks, "num_tasks": scenario.num_tasks, "classes_per_task": cpt,
             "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": self.amp,
+            "channels_last": self.channels_last, "cuda_graphs": self.graphs,
             "status": "running", "completed_tasks": 0,
             **{c: {"accuracy": [], "current_task_accuracy": [], "accuracy_matrix": []} for c in cfg.eval.classifiers},
             "memory_per_class": [], "memory_total": [],
@@ -355,7 +369,7 @@ class Protocol:
         loader = BatchLoader(x, y, cfg.train.batch_size, self.normalizer, cfg.train.augment, self.generator,
                              self.channels_last)
         images = train_task(self.train_model, loader, cfg.train, criterion, old_model, t, self.device, self.amp,
-                            self.progress, self.position)
+                            self.progress, self.position, graphs=self.graphs)
         del old_model, loader
         _sync(self.device)
         t1 = time.perf_counter()

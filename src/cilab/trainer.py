@@ -3,12 +3,20 @@ that goes in and the loss terms (``losses.Criterion``), never in the loop.
 
 iCaRL's schedule (the study, section 2.4): SGD, batch 128, lr 2.0 multiplied
 by 0.2 at epochs 49 and 63, 70 epochs, a fresh optimiser for every task.
+
+On CUDA the step (forward, loss, backward, SGD update) is captured as a CUDA
+graph and replayed for every batch (``train.cuda_graphs``, ``GraphedStep``): a
+ResNet-32 step on a batch of 128 is some thousand small kernels, whose launches
+cost more than their arithmetic on a large GPU; one replay launches them all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import Counter
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,24 +33,43 @@ class NonFiniteLossError(RuntimeError):
         self.task, self.epoch, self.lr = task, epoch, lr
 
 
+class GraphCaptureError(RuntimeError):
+    pass
+
+
 def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``amp`` is bf16 (``train.amp``, resolved), else nothing."""
+    """bf16 autocast when ``amp`` is bf16 (``train.amp``, resolved), else nothing.
+
+    The weight-cast cache is off: it cannot be used inside a CUDA-graph capture
+    (PyTorch's CUDA-graph notes), and it saves nothing here, since every weight
+    is used once per forward pass.
+    """
     if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
+def make_optimizer(model: torch.nn.Module, cfg):
+    """SGD + MultiStepLR from the ``train`` section: (optimiser, schedule)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    return opt, sched
+
+
 def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_model: torch.nn.Module | None,
-               task: int, device: torch.device, amp: str = "off", progress: bool = True, position: int = 0) -> int:
+               task: int, device: torch.device, amp: str = "off", progress: bool = True, position: int = 0,
+               graphs: str = "off", capture: "GraphBackend | None" = None) -> int:
     """Train ``model`` in place on ``loader`` for ``cfg.epochs`` (``cfg`` is the ``train`` section).
+
+    ``graphs`` is the resolved ``train.cuda_graphs``: "off", "on" (a failed
+    capture is an error) or "try" (a failed capture falls back to eager steps
+    with a warning). ``capture`` replaces the CUDA-graph backend (tests).
 
     The running loss stays on the device; it is read (one host sync) only
     ``cfg.log_every`` times per epoch for the progress bar and the finiteness
     check. Returns the number of images trained on.
     """
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    step = make_step(model, opt, criterion, old_model, autocast_for(device, amp))
+    step, opt, sched = build_step(model, cfg, criterion, old_model, device, amp, graphs, capture)
     n_batches = len(loader)
     read_at = {max(1, round(n_batches * (k + 1) / cfg.log_every)) for k in range(cfg.log_every)}
     bar = tqdm(total=cfg.epochs * n_batches, desc=f"task {task + 1}", unit="batch", leave=False,
@@ -54,6 +81,8 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
             loss_sum = torch.zeros((), device=device)
             seen, last_read = 0, 0
             for i, (x, y) in enumerate(loader, 1):
+                # A graphed step returns its static loss tensor, overwritten by
+                # the next replay: it is added here, before the next step.
                 loss_sum += step(x, y).detach() * len(y)
                 seen += len(y)
                 if i in read_at:
@@ -70,8 +99,28 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
     return images
 
 
-def make_step(model, opt, criterion: Criterion, old_model, autocast):
-    """One SGD step on a batch; returns the loss tensor (not synchronised)."""
+def build_step(model, cfg, criterion: Criterion, old_model, device: torch.device, amp: str = "off",
+               graphs: str = "off", capture: "GraphBackend | None" = None):
+    """The step the loop calls, with its optimiser and schedule: (step, opt, sched).
+
+    Shared by ``train_task`` and the benchmarks, so that the bare step and the
+    reference pipeline they compare against run exactly the trainer's step.
+    """
+    opt, sched = make_optimizer(model, cfg)
+    step = make_step(model, opt, criterion, old_model, autocast_for(device, amp))
+    if graphs != "off":
+        step = GraphedStep(step, opt, capture or CudaGraphs(device), strict=graphs == "on")
+    return step, opt, sched
+
+
+def make_step(model, opt, criterion: Criterion, old_model, autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One SGD step on a batch; returns the loss tensor (not synchronised).
+
+    Nothing in it reads a value back to the host or branches on data, so it
+    can be captured as a CUDA graph. Gradients are set to None rather than
+    zeroed: under capture, backward then allocates them from the graph's own
+    memory pool, where they stay put for every replay.
+    """
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -88,3 +137,110 @@ def make_step(model, opt, criterion: Criterion, old_model, autocast):
         return loss
 
     return step
+
+
+class GraphBackend:
+    """How a step is warmed up and captured; ``CudaGraphs`` is the real one."""
+
+    def warmup(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """Record ``fn`` without running it; returns (replay, the output tensor that replay refills)."""
+        raise NotImplementedError
+
+
+class CudaGraphs(GraphBackend):
+    """torch.cuda.graph capture, following PyTorch's whole-network recipe."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextlib.contextmanager
+    def warmup(self):
+        # Warm-up iterations run on a side stream, which then rejoins the
+        # current one, so lazy initialisation (cuBLAS/cuDNN handles, the
+        # momentum buffers) never happens on the stream being captured.
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:
+            current.wait_stream(side)
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
+
+class GraphedStep:
+    """A training step captured once per batch shape and learning rate, and replayed.
+
+    Each shape (the full batches, and the shorter last batch of an epoch) runs
+    ``warmup`` eager steps first, then the next batch of that shape is copied
+    into static input tensors, the step is captured reading from them, and the
+    graph is replayed for that batch and every later one. The warm-up steps
+    are ordinary training steps on real batches and capture runs nothing, so
+    training sees exactly the batches and updates that eager training sees.
+
+    SGD's learning rate is a Python float, which a capture freezes into the
+    graph as a kernel argument; when the schedule changes it (at each of
+    ``train.milestones``) the graphs are dropped and captured again, without
+    a new warm-up. That is a few captures per task, and it leaves the
+    optimiser exactly as in eager training (a tensor lr would need the fused
+    SGD kernel, whose rounding differs).
+    """
+
+    WARMUP = 3  # PyTorch's CUDA-graph examples warm up with 3 iterations
+
+    def __init__(self, step, opt, backend: GraphBackend, strict: bool, warmup: int = WARMUP):
+        self.step, self.opt, self.backend, self.strict, self.warmup = step, opt, backend, strict, warmup
+        self.graphs: dict[tuple, tuple] = {}
+        self.lrs: tuple = ()  # the learning rates the graphs in self.graphs were captured with
+        self.eager_steps: Counter = Counter()
+        self.failed = False  # a capture failed in "try" mode: eager from then on
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self.step(x, y)
+        lrs = tuple(group["lr"] for group in self.opt.param_groups)
+        if lrs != self.lrs:
+            self.graphs.clear()  # captured with the old learning rate
+            self.lrs = lrs
+        key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.eager_steps[key] < self.warmup:
+                self.eager_steps[key] += 1
+                with self.backend.warmup():
+                    return self.step(x, y)
+            graph = self._capture(key, x, y)
+            if graph is None:
+                return self.step(x, y)
+        replay, static_x, static_y, static_loss = graph
+        static_x.copy_(x)
+        static_y.copy_(y)
+        replay()
+        return static_loss
+
+    def _capture(self, key, x, y):
+        static_x, static_y = x.clone(), y.clone()  # clone keeps the memory format (channels_last)
+        try:
+            replay, static_loss = self.backend.capture(lambda: self.step(static_x, static_y))
+        except Exception as e:
+            if self.strict:
+                raise GraphCaptureError(
+                    f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}); "
+                    "set train.cuda_graphs=off (or auto, which falls back to eager steps)"
+                ) from e
+            warnings.warn(f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}); "
+                          "training on with eager steps. train.cuda_graphs=off skips the attempt.",
+                          RuntimeWarning, stacklevel=3)
+            self.failed = True
+            return None
+        self.graphs[key] = (replay, static_x, static_y, static_loss)
+        return self.graphs[key]
