@@ -31,11 +31,18 @@ def _loader(n: int, batch_size: int, seed: int = 0) -> BatchLoader:
                        torch.Generator(device=CUDA).manual_seed(seed), channels_last=True)
 
 
-def _train(graphs: str, amp: str = "off", epochs: int = 3):
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _train(graphs: str, amp: str = "off", epochs: int = 3, nudge: float = 0.0):
     torch.manual_seed(0)
     model = create_model(build_config("icarl").model, 10).to(CUDA, memory_format=torch.channels_last)
     old = copy.deepcopy(model).eval().requires_grad_(False)
-    cfg = build_config("icarl", [f"train.epochs={epochs}", "train.milestones=[1]", "train.lr=0.5"]).train
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)).to(CUDA) * nudge)
+    cfg = build_config("icarl", [f"train.epochs={epochs}", "train.milestones=[1]", "train.lr=0.05"]).train
     train_task(model, _loader(600, 128), cfg, Criterion("bce", "bce", 5, 10), old, 1, CUDA, amp, progress=False,
                graphs=graphs)
     torch.cuda.synchronize()
@@ -51,14 +58,21 @@ def deterministic():
 
 
 def test_captured_training_matches_eager_training(deterministic):
-    eager, graphed = _train("off"), _train("on")
-    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # Replays run the eager kernels, so the two should agree to rounding. SGD
+    # magnifies rounding, so the yardstick is how far eager training moves when
+    # its weights are nudged by 1e-7 (see test_speed_paths.py, compile).
+    eager, graphed, nudged = _flat(_train("off")), _flat(_train("on")), _flat(_train("off", nudge=1e-7))
+    rounding = (nudged - eager).norm()
+    assert (graphed - eager).norm() <= 3 * rounding + 1e-6 * eager.norm()
 
 
-def test_bf16_captured_training_stays_finite_and_learns():
-    model = _train("on", amp="bf16", epochs=4)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+def test_bf16_captured_training_stays_finite_and_close_to_fp32():
+    fp32, bf16 = _flat(_train("off")), _flat(_train("on", amp="bf16"))
+    torch.manual_seed(0)
+    start = _flat(create_model(build_config("icarl").model, 10))
+    assert torch.isfinite(bf16).all()
+    # bf16 keeps ~3 significant digits: it lands near fp32, far nearer than training moved
+    assert (bf16 - fp32).norm() < 0.5 * (fp32 - start.to(CUDA)).norm()
 
 
 def test_both_batch_shapes_are_captured_and_replayed():
