@@ -24,6 +24,7 @@ use random CIFAR-shaped data, which costs the same to train on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import torch
 
 from .config import build_config
 from .data.loader import BatchLoader, Normalizer
-from .experiment import resolve_amp, resolve_channels_last, resolve_cuda_graphs, resolve_device
+from .experiment import Runtime
 from .losses import Criterion
 from .models import create_model
 from .trainer import GraphedStep, build_step, train_task
@@ -60,11 +61,8 @@ class Setup:
 
     def __init__(self, train_overrides: list[str]):
         self.cfg = build_config("icarl", ["data.name=digits", *train_overrides])
-        self.device = resolve_device(self.cfg.train)
-        self.amp = resolve_amp(self.cfg.train, self.device)
-        self.channels_last = resolve_channels_last(self.cfg.train, self.device)
-        self.graphs = resolve_cuda_graphs(self.cfg.train, self.device)
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.rt = Runtime.resolve(self.cfg.train)
+        self.device, self.memory_format = self.rt.device, self.rt.memory_format
 
     def model(self, num_classes: int = 100) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -77,7 +75,7 @@ class Setup:
 
     def step(self, model):
         """The trainer's own step (optimiser, autocast, CUDA graph), as train_task builds it."""
-        step, _, _ = build_step(model, self.cfg.train, self.criterion(), None, self.device, self.amp, self.graphs)
+        step, _, _ = build_step(model, self.cfg.train, self.criterion(), None, self.device, self.rt.amp, self.rt.graphs)
         return step
 
 
@@ -116,18 +114,17 @@ class CilabTrainer:
         normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
         gen = torch.Generator(device=device).manual_seed(0)
         self.loader = BatchLoader(x.to(device), y.to(device), setup.cfg.train.batch_size, normalizer, True, gen,
-                                  setup.channels_last)
+                                  setup.rt.channels_last)
         self.model = setup.model()
         self.crit = setup.criterion()
-        self.cfg, self.device, self.amp, self.graphs = setup.cfg.train, device, setup.amp, setup.graphs
-        self.cfg.milestones = []
+        self.cfg, self.device, self.rt = setup.cfg.train, device, setup.rt
 
     def __call__(self, epochs: int) -> float:
-        self.cfg.epochs = epochs
+        cfg = dataclasses.replace(self.cfg, epochs=epochs, milestones=[])  # the shared config stays as it is
         _sync(self.device)
         t = time.perf_counter()
-        images = train_task(self.model, self.loader, self.cfg, self.crit, None, 0, self.device, self.amp,
-                            progress=False, graphs=self.graphs)
+        images = train_task(self.model, self.loader, cfg, self.crit, None, 0, self.device, self.rt.amp,
+                            progress=False, graphs=self.rt.graphs)
         _sync(self.device)
         return images / (time.perf_counter() - t)
 
@@ -201,8 +198,8 @@ def throughput(args) -> dict:
         rounds["c"].append(c(epochs))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
-        "benchmark": "throughput", **_device_info(device), "amp": setup.amp, "channels_last": setup.channels_last,
-        "cuda_graphs": setup.graphs, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "benchmark": "throughput", **_device_info(device), "amp": setup.rt.amp, "channels_last": setup.rt.channels_last,
+        "cuda_graphs": setup.rt.graphs, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],

@@ -21,6 +21,7 @@ import threading
 import time
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +73,27 @@ def resolve_cuda_graphs(train_cfg, device: torch.device) -> str:
     if train_cfg.cuda_graphs == "auto":
         return "try" if device.type == "cuda" else "off"
     return train_cfg.cuda_graphs
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the ``train`` section resolves to on this machine, resolved once per run."""
+
+    device: torch.device
+    amp: str  # "bf16" | "off"
+    channels_last: bool
+    graphs: str  # "off" | "on" | "try", see resolve_cuda_graphs
+
+    @classmethod
+    def resolve(cls, train_cfg) -> "Runtime":
+        """Refuses (ConfigError) what this machine cannot do: cuda without a GPU, cuda_graphs=on without CUDA."""
+        device = resolve_device(train_cfg)
+        return cls(device, resolve_amp(train_cfg, device), resolve_channels_last(train_cfg, device),
+                   resolve_cuda_graphs(train_cfg, device))
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def _sync(device: torch.device) -> None:
@@ -148,8 +170,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     # touched: the folder first (cheap, before loading data), then the device,
     # the data and the task split.
     clear = check_run_folder(out, cfg, resume, overwrite)
-    device = resolve_device(cfg.train)  # refuses cuda without a GPU before any work
-    resolve_cuda_graphs(cfg.train, device)  # refuses cuda_graphs=on without CUDA
+    runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
         scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names)
@@ -161,7 +182,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     for stale in results.remove_temp_files(out):  # left by a process killed mid-write
         log(f"removed {stale}, an unfinished write of a killed run")
     results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
-    return Protocol(cfg, out, data, scenario, device, progress, position, meta or {}, log).run(resume)
+    return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
 
 
 def _load_data(data_cfg):
@@ -233,14 +254,12 @@ def _sigint_deferred():
 class Protocol:
     """State of one run: model, memory, generators, metrics; advanced task by task."""
 
-    def __init__(self, cfg: Config, out: Path, data, scenario: Scenario, device, progress, position, meta, log):
-        self.cfg, self.out, self.scenario, self.device = cfg, out, scenario, device
+    def __init__(self, cfg: Config, out: Path, data, scenario: Scenario, runtime: Runtime, progress, position, meta,
+                 log):
+        self.cfg, self.out, self.scenario, self.rt = cfg, out, scenario, runtime
+        self.device = device = runtime.device
         self.progress, self.position, self.log = progress, position, log
         self.method = METHODS[cfg.method]
-        self.amp = resolve_amp(cfg.train, device)
-        self.channels_last = resolve_channels_last(cfg.train, device)
-        self.graphs = resolve_cuda_graphs(cfg.train, device)
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         # Whole splits on the device, labels remapped so output i = i-th class of the order.
         mean, std = data.mean_std()
@@ -249,7 +268,7 @@ class Protocol:
         self.y_train, self.y_test = scenario.remap(data.y_train).to(device), scenario.remap(data.y_test).to(device)
 
         torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = create_model(cfg.model, scenario.num_classes).to(device, memory_format=self.memory_format)
+        self.model = create_model(cfg.model, scenario.num_classes).to(device, memory_format=runtime.memory_format)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection
         self.memory = ExemplarMemory(cfg.memory.size)
@@ -259,8 +278,8 @@ class Protocol:
             "method": cfg.method, "seed": cfg.seed, "preset": meta.get("preset"), "overrides": meta.get("overrides", []),
             "dataset": cfg.data.name, "class_order": scenario.class_order, "class_names": scenario.ordered_names,
             "tasks": scenario.tasks, "num_tasks": scenario.num_tasks, "classes_per_task": cpt,
-            "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": self.amp,
-            "channels_last": self.channels_last, "cuda_graphs": self.graphs,
+            "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": runtime.amp,
+            "channels_last": runtime.channels_last, "cuda_graphs": runtime.graphs,
             "status": "running", "completed_tasks": 0,
             **{c: {"accuracy": [], "current_task_accuracy": [], "accuracy_matrix": []} for c in cfg.eval.classifiers},
             "memory_per_class": [], "memory_total": [],
@@ -367,9 +386,9 @@ class Protocol:
             old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         x, y = self.training_data(t)
         loader = BatchLoader(x, y, cfg.train.batch_size, self.normalizer, cfg.train.augment, self.generator,
-                             self.channels_last)
-        images = train_task(self.train_model, loader, cfg.train, criterion, old_model, t, self.device, self.amp,
-                            self.progress, self.position, graphs=self.graphs)
+                             self.rt.channels_last)
+        images = train_task(self.train_model, loader, cfg.train, criterion, old_model, t, self.device, self.rt.amp,
+                            self.progress, self.position, graphs=self.rt.graphs)
         del old_model, loader
         _sync(self.device)
         t1 = time.perf_counter()
@@ -406,7 +425,7 @@ class Protocol:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size,
-                                autocast_for(self.device, self.amp), self.memory_format)
+                                autocast_for(self.device, self.rt.amp), self.rt.memory_format)
 
     def update_memory(self, t: int, n_seen: int) -> None:
         m = self.memory.per_class_quota(n_seen)
