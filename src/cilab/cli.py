@@ -71,8 +71,9 @@ def cmd_run(args) -> int:
 def format_run_table(runs: dict[str, dict]) -> str:
     """Accuracy after each task: one row per (run, classifier)."""
     first = next(iter(runs.values()))
-    cpt, n = first["classes_per_task"], first["num_tasks"]
-    head = ["run", "clf"] + [str(cpt * (t + 1)) for t in range(n)] + ["avg", "final"]
+    n = first["num_tasks"]
+    seen = first.get("classes_seen") or [first["classes_per_task"] * (t + 1) for t in range(n)]  # older runs
+    head = ["run", "clf"] + [str(s) for s in seen] + ["avg", "final"]
     rows = []
     for name, m in runs.items():
         for c in m["classifiers"]:

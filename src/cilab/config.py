@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which key and how to fix it."""
+from .errors import ConfigError  # noqa: F401  (re-exported: cilab.config.ConfigError is public)
 
 
 @dataclass
@@ -34,12 +33,24 @@ class DataConfig:
 
 @dataclass
 class ScenarioConfig:
-    num_tasks: int = 10  # classes split evenly in the seeded order
+    num_tasks: int = 10  # tasks in all; classes split evenly in the seeded order
+    # B50-style protocols: this many classes in the first task, the rest split
+    # evenly over the other num_tasks - 1 tasks (null: all tasks the same size)
+    first_task_classes: int | None = None
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet32"
+
+
+@dataclass
+class FirstTaskConfig:
+    """The first task's own schedule (most papers train it longer); null = as the ``train`` section."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    milestones: list[int] | None = None
 
 
 @dataclass
@@ -58,6 +69,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     cuda_graphs: str = "auto"  # auto (on CUDA; falls back to eager if capture fails) | on | off
     log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
+    # The study's fine-tuning holds out a fraction of each task's training data
+    # and keeps the epoch with the best accuracy on it (0 = train on everything).
+    val_split: float = 0.0
+    keep_best: bool = False  # needs val_split > 0
+    first_task: FirstTaskConfig = field(default_factory=FirstTaskConfig)
 
 
 @dataclass
@@ -116,7 +132,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: str = "icarl"  # finetune | joint | lwf | icarl
+    method: str = "icarl"  # any registered method: finetune | joint | lwf | icarl | er | wa | ewc | ...
+    method_args: dict[str, Any] = field(default_factory=dict)  # the method's own settings (its Args dataclass)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
@@ -161,6 +178,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping (key: value), got {value!r}")
+        return dict(value)
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # `eval.classifiers=nme` means [nme]
@@ -325,8 +346,33 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
         raise ConfigError(f"'{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
+def _check_milestones(section: str, epochs: int, milestones: list[int]) -> None:
+    for m in milestones:
+        if not 0 < m < epochs:
+            raise ConfigError(
+                f"'{section}.milestones' has {m}, outside 1..{epochs - 1} ({section}.epochs={epochs}); "
+                f"lower the milestones, e.g. {section}.milestones=[] or [3,4]"
+            )
+    if list(milestones) != sorted(milestones):
+        raise ConfigError(f"'{section}.milestones' must be increasing, got {milestones}")
+
+
+def task_train_config(train_cfg: TrainConfig, t: int) -> TrainConfig:
+    """The ``train`` section as it applies to task ``t``: the first task's own schedule resolved."""
+    ft = train_cfg.first_task
+    if t > 0 or (ft.epochs is None and ft.lr is None and ft.milestones is None):
+        return train_cfg
+    return dataclasses.replace(
+        train_cfg,
+        epochs=train_cfg.epochs if ft.epochs is None else ft.epochs,
+        lr=train_cfg.lr if ft.lr is None else ft.lr,
+        milestones=list(train_cfg.milestones if ft.milestones is None else ft.milestones),
+    )
+
+
 def validate(cfg: Config) -> None:
-    # Imported here: the registries import config for their sub-config types.
+    # Imported here: the registries' modules import config (e.g. for from_dict), so
+    # config must not import them when it is itself imported.
     from .classifiers import CLASSIFIERS
     from .data.datasets import DATASETS
     from .losses import CLASSIFICATION_LOSSES, DISTILLATION_LOSSES
@@ -335,11 +381,17 @@ def validate(cfg: Config) -> None:
     from .models import MODELS
 
     _choice("method", cfg.method, METHODS)
+    # Normalised to the method's full settings, so config.yaml shows every value used.
+    cfg.method_args = dataclasses.asdict(METHODS[cfg.method].parse_args(cfg.method_args))
     _choice("data.name", cfg.data.name, DATASETS)
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=/path/to/file.npz (arrays x_train, y_train, x_test, y_test)")
     _choice("model.name", cfg.model.name, MODELS)
     _positive("scenario.num_tasks", cfg.scenario.num_tasks)
+    if cfg.scenario.first_task_classes is not None:
+        _positive("scenario.first_task_classes", cfg.scenario.first_task_classes)
+        if cfg.scenario.num_tasks < 2:
+            raise ConfigError("scenario.first_task_classes needs scenario.num_tasks >= 2 (the first task and the rest)")
     _positive("seed", cfg.seed, zero_ok=True)
 
     t = cfg.train
@@ -350,14 +402,19 @@ def validate(cfg: Config) -> None:
     _positive("train.momentum", t.momentum, zero_ok=True)
     _positive("train.weight_decay", t.weight_decay, zero_ok=True)
     _positive("train.log_every", t.log_every)
-    for m in t.milestones:
-        if not 0 < m < t.epochs:
-            raise ConfigError(
-                f"'train.milestones' has {m}, outside 1..{t.epochs - 1} (train.epochs={t.epochs}); "
-                "lower the milestones, e.g. train.milestones=[] or [3,4]"
-            )
-    if list(t.milestones) != sorted(t.milestones):
-        raise ConfigError(f"'train.milestones' must be increasing, got {t.milestones}")
+    _check_milestones("train", t.epochs, t.milestones)
+    ft = t.first_task
+    if ft.epochs is not None:
+        _positive("train.first_task.epochs", ft.epochs)
+    if ft.lr is not None:
+        _positive("train.first_task.lr", ft.lr)
+    if ft.epochs is not None or ft.milestones is not None:
+        epochs = t.epochs if ft.epochs is None else ft.epochs
+        _check_milestones("train.first_task", epochs, t.milestones if ft.milestones is None else ft.milestones)
+    if not 0.0 <= t.val_split < 1.0:
+        raise ConfigError(f"'train.val_split' must be in [0, 1) (the study's fine-tuning uses 0.1), got {t.val_split}")
+    if t.keep_best and t.val_split == 0:
+        raise ConfigError("train.keep_best=true needs a validation split: set train.val_split (e.g. 0.1)")
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _choice("train.amp", t.amp, ["auto", "bf16", "off"])
     _choice("train.channels_last", t.channels_last, ["auto", "on", "off"])

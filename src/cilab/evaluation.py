@@ -37,9 +37,14 @@ def extract_features(model, x: torch.Tensor, normalizer, batch_size: int = 1024,
     return torch.cat(out)
 
 
-def task_accuracies(pred: torch.Tensor, y: torch.Tensor, classes_per_task: int, n_tasks_seen: int) -> list[float]:
-    """Accuracy (%) on each seen task's test images; tasks own contiguous label blocks."""
-    task = y // classes_per_task
+def task_accuracies(pred: torch.Tensor, y: torch.Tensor, task: "torch.Tensor | int", n_tasks_seen: int) -> list[float]:
+    """Accuracy (%) on each seen task's test images.
+
+    ``task`` is the task index of each label (``Scenario.task_of(y)``), or, when
+    all tasks have the same size, that size (the task is then ``y // size``).
+    """
+    if isinstance(task, int):
+        task = y // task
     correct = (pred == y).float()
     hits = torch.zeros(n_tasks_seen, device=y.device).index_add_(0, task, correct)
     counts = torch.bincount(task, minlength=n_tasks_seen).clamp_min(1)

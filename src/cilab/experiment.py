@@ -1,12 +1,16 @@
 """run(config) -> metrics: the class-incremental protocol, task by task, resumable.
 
-For each task t:
-  1. training data: the task's images (or all seen tasks' for ``joint``) plus
-     the exemplars; the previous model, frozen, is kept for distillation;
-  2. the one training loop (trainer.py);
-  3. memory: old classes cut to m = K // classes seen, exemplars built for the new ones;
+For each task t (the method plugin's hooks in brackets, see methods/base.py):
+  1. [before_task] the method may grow or re-initialise the network;
+     [training_data] the task's images plus the exemplars by default; the
+     previous model, frozen, is kept when the method distills;
+  2. the one training loop (trainer.py) with [loss], [parameters], [after_step];
+     then [after_train];
+  3. memory: old classes cut to m = K // classes seen, exemplars built for the
+     new ones; then [after_memory];
   4. evaluation: test features extracted once, every classifier predicts from them;
-  5. checkpoint + metrics written atomically, so a killed run resumes after t.
+  5. checkpoint (the method's [state_dict] in it) + metrics written atomically,
+     so a killed run resumes after t.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from tqdm.auto import tqdm
 
 from . import results
 from .classifiers import FitData, build_classifier
-from .config import Config, ConfigError
+from .config import Config, ConfigError, task_train_config
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
 from .data.loader import Normalizer
 from .evaluation import accuracy, confusion_matrix, extract_features, summarize, task_accuracies
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
-from .methods import METHODS
+from .methods import METHODS, TaskContext
 from .models import create_model
 from .trainer import autocast_for, train_task
 
@@ -173,7 +177,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
-        scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names)
+        scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names,
+                                      cfg.scenario.first_task_classes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if clear:
@@ -259,7 +264,8 @@ class Protocol:
         self.cfg, self.out, self.scenario, self.rt = cfg, out, scenario, runtime
         self.device = device = runtime.device
         self.progress, self.position, self.log = progress, position, log
-        self.method = METHODS[cfg.method]
+        method_cls = METHODS[cfg.method]
+        self.method = method_cls(method_cls.parse_args(cfg.method_args))
 
         # Whole splits on the device, labels remapped so output i = i-th class of the order.
         mean, std = data.mean_std()
@@ -268,7 +274,8 @@ class Protocol:
         self.y_train, self.y_test = scenario.remap(data.y_train).to(device), scenario.remap(data.y_test).to(device)
 
         torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = create_model(cfg.model, scenario.num_classes).to(device, memory_format=runtime.memory_format)
+        self.model = self.method.build_model(cfg.model, scenario.num_classes).to(
+            device, memory_format=runtime.memory_format)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection
         self.memory = ExemplarMemory(cfg.memory.size)
@@ -277,7 +284,10 @@ class Protocol:
         self.metrics = {
             "method": cfg.method, "seed": cfg.seed, "preset": meta.get("preset"), "overrides": meta.get("overrides", []),
             "dataset": cfg.data.name, "class_order": scenario.class_order, "class_names": scenario.ordered_names,
+            "method_args": cfg.method_args,
             "tasks": scenario.tasks, "num_tasks": scenario.num_tasks, "classes_per_task": cpt,
+            "first_task_classes": scenario.first_task_classes,
+            "classes_seen": [scenario.seen(t) for t in range(scenario.num_tasks)],
             "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": runtime.amp,
             "channels_last": runtime.channels_last, "cuda_graphs": runtime.graphs,
             "status": "running", "completed_tasks": 0,
@@ -310,6 +320,7 @@ class Protocol:
         self.memory = ExemplarMemory.from_state_dict(state["memory"], self.device)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        self.method.load_state_dict(state.get("method", {}))
         self.metrics = state["metrics"]
         self.confusion = dict(state["confusion"])
         self._saved_metrics = copy.deepcopy(self.metrics)
@@ -321,6 +332,7 @@ class Protocol:
             "task": task, "model": self.model.state_dict(), "memory": self.memory.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "metrics": self.metrics, "confusion": self.confusion, "class_order": self.scenario.class_order,
+            "method": self.method.state_dict(),
         }
         # The checkpoint is the commit point and holds everything a resume
         # needs (confusion matrices included); confusion.npz and metrics.json
@@ -364,38 +376,84 @@ class Protocol:
             self.log(f"warning: could not draw {self.out / 'accuracy.png'}: {e}")
         return self.metrics
 
-    def training_data(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cpt = self.scenario.classes_per_task
-        lo = 0 if self.method.train_on == "seen" else t * cpt
-        mask = (self.y_train >= lo) & (self.y_train < (t + 1) * cpt)
-        x, y = self.x_train[mask], self.y_train[mask]
-        if len(self.memory):
-            mx, my = self.memory.data(self.device)
-            x, y = torch.cat([x, mx]), torch.cat([y, my])
-        return x, y
+    def task_context(self, t: int) -> TaskContext:
+        cfg, sc = self.cfg, self.scenario
+        n_old, n_seen = sc.old(t), sc.seen(t)
+        ctx = TaskContext(
+            t=t, n_old=n_old, n_seen=n_seen, num_classes=sc.num_classes, model=self.model, memory=self.memory,
+            criterion=Criterion(cfg.loss.classification, cfg.loss.distillation, n_old, n_seen),
+            device=self.device, generator=self.generator, train_cfg=task_train_config(cfg.train, t),
+            data=self.class_data, features=self.features, normalize=self.normalize, train=None, new_model=self.new_model, log=self.log,
+        )
+        ctx.train = lambda x, y, **kw: self.train_on(ctx, x, y, **kw)
+        return ctx
+
+    def class_data(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images (uint8, on the device) and labels of outputs [lo, hi)."""
+        mask = (self.y_train >= lo) & (self.y_train < hi)
+        return self.x_train[mask], self.y_train[mask]
+
+    def new_model(self) -> torch.nn.Module:
+        return self.method.build_model(self.cfg.model, self.scenario.num_classes)
+
+    def train_on(self, ctx: TaskContext, x: torch.Tensor, y: torch.Tensor, *, loss=None, parameters=None,
+                 train_cfg=None, old_model="task", desc: str | None = None) -> int:
+        """The one loop on (x, y) for a method's hook; returns the images trained on.
+
+        Defaults: the method's loss and parameters, the task's ``train``
+        settings and old model. ``train.val_split`` holds out part of (x, y),
+        and with ``train.keep_best`` the epoch with the best accuracy on it
+        (argmax over the seen outputs) is the one kept.
+        """
+        train_cfg = ctx.train_cfg if train_cfg is None else train_cfg
+        old_model = ctx.old_model if old_model == "task" else old_model
+        loss_fn = loss or (lambda xb, yb, out, old: self.method.loss(xb, yb, out, old, ctx))
+        params = list(self.method.parameters(ctx) if parameters is None else parameters)
+        graphs = self.rt.graphs if self.method.graph_safe else "off"
+        after_step = None if self.method.after_step is None else (lambda: self.method.after_step(ctx))
+        x, y, keeper = self._validation(x, y, train_cfg, ctx.n_seen)
+        loader = BatchLoader(x, y, train_cfg.batch_size, self.normalizer, train_cfg.augment, self.generator,
+                             self.rt.channels_last)
+        images = train_task(self.train_model, loader, train_cfg, loss_fn, old_model, ctx.t, self.device, self.rt.amp,
+                            self.progress, self.position, graphs=graphs, params=params, after_step=after_step,
+                            epoch_end=keeper, desc=desc)
+        if keeper is not None:
+            keeper.restore()
+        return images
+
+    def _validation(self, x, y, train_cfg, n_seen):
+        """Split off ``train.val_split`` of (x, y), drawn from the run's generator; (x, y, BestEpoch or None)."""
+        if train_cfg.val_split <= 0:
+            return x, y, None
+        perm = torch.randperm(len(y), device=y.device, generator=self.generator)
+        n_val = max(1, round(train_cfg.val_split * len(y)))
+        val, keep = perm[:n_val], perm[n_val:]
+        if not train_cfg.keep_best:
+            return x[keep], y[keep], None
+        return x[keep], y[keep], BestEpoch(self, x[val], y[val], n_seen)
 
     def run_task(self, t: int) -> None:
         cfg, sc = self.cfg, self.scenario
-        n_old, n_seen = t * sc.classes_per_task, sc.seen(t)
+        n_seen = sc.seen(t)
         t0 = time.perf_counter()
 
         # 1-2. train
-        criterion = Criterion(cfg.loss.classification, cfg.loss.distillation, n_old, n_seen)
-        old_model = None
-        if criterion.distills:
-            old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        x, y = self.training_data(t)
-        loader = BatchLoader(x, y, cfg.train.batch_size, self.normalizer, cfg.train.augment, self.generator,
-                             self.rt.channels_last)
-        images = train_task(self.train_model, loader, cfg.train, criterion, old_model, t, self.device, self.rt.amp,
-                            self.progress, self.position, graphs=self.rt.graphs)
-        del old_model, loader
+        ctx = self.task_context(t)
+        self.method.before_task(ctx)
+        x, y = self.method.training_data(ctx)
+        if self.method.uses_old_model(ctx):
+            ctx.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        images = ctx.train(x, y)
+        self.method.after_train(ctx)
+        del x, y
+        ctx.old_model = None
         _sync(self.device)
         t1 = time.perf_counter()
 
         # 3. memory
         if cfg.memory.size > 0:
             self.update_memory(t, n_seen)
+        self.method.after_memory(ctx)
         _sync(self.device)
         t2 = time.perf_counter()
 
@@ -423,6 +481,9 @@ class Protocol:
         if self.progress:
             self.log(f"[{self.out.name}] task {t + 1}/{sc.num_tasks} ({n_seen} classes): {accs}  ({t3 - t0:.1f}s)")
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalizer(x).contiguous(memory_format=self.rt.memory_format)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size,
                                 autocast_for(self.device, self.rt.amp), self.rt.memory_format)
@@ -443,7 +504,6 @@ class Protocol:
         self.model.train()
 
     def evaluate(self, t: int, n_seen: int) -> None:
-        cpt = self.scenario.classes_per_task
         mask = self.y_test < n_seen
         y = self.y_test[mask]
         feats = self.features(self.x_test[mask])  # once per task, shared by every classifier
@@ -453,7 +513,8 @@ class Protocol:
         else:
             mem_feats, my = feats[:0], y[:0]
         fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed)
-        current = y >= t * cpt
+        current = y >= self.scenario.old(t)
+        task_of_y = self.scenario.task_of(y)
         for name in self.cfg.eval.classifiers:
             clf = build_classifier(name, self.cfg.eval)
             clf.fit(fit)
@@ -461,6 +522,33 @@ class Protocol:
             m = self.metrics[name]
             m["accuracy"].append(accuracy(pred, y))
             m["current_task_accuracy"].append(accuracy(pred[current], y[current]))
-            row = task_accuracies(pred, y, cpt, t + 1)
+            row = task_accuracies(pred, y, task_of_y, t + 1)
             m["accuracy_matrix"].append(row + [None] * (self.scenario.num_tasks - t - 1))
             self.confusion[f"{name}_task{t + 1:02d}"] = confusion_matrix(pred, y, n_seen)
+
+
+class BestEpoch:
+    """``train.keep_best``: after each epoch, the accuracy on the held-out split; the best epoch's weights are kept.
+
+    The study's fine-tuning "takes the best epoch" on 10% of each task's data.
+    Accuracy is the argmax over the seen outputs [0, n_seen); ties keep the
+    earlier epoch. One host read per epoch.
+    """
+
+    def __init__(self, protocol: "Protocol", x: torch.Tensor, y: torch.Tensor, n_seen: int):
+        self.p, self.x, self.y, self.n_seen = protocol, x, y, n_seen
+        self.best_acc, self.best_epoch, self.best_state = -1.0, -1, None
+
+    def __call__(self, epoch: int) -> None:
+        p = self.p
+        feats = p.features(self.x)
+        with torch.no_grad():
+            pred = p.model.head(feats)[:, : self.n_seen].argmax(dim=1)
+        acc = accuracy(pred, self.y)
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch
+            self.best_state = {k: v.detach().clone() for k, v in p.model.state_dict().items()}
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.p.model.load_state_dict(self.best_state)

@@ -1,5 +1,5 @@
 """THE training loop. Every method goes through it; methods differ in the data
-that goes in and the loss terms (``losses.Criterion``), never in the loop.
+that goes in, the parameters it updates and the loss (``methods.Method``), never in the loop.
 
 iCaRL's schedule (the study, section 2.4): SGD, batch 128, lr 2.0 multiplied
 by 0.2 at epochs 49 and 63, 70 epochs, a fresh optimiser for every task.
@@ -22,6 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import Criterion
+
+# loss(x, y, out, old_out) -> scalar tensor; out / old_out are ``methods.Outputs`` (logits, features)
+LossFn = Callable[[torch.Tensor, torch.Tensor, tuple, "tuple | None"], torch.Tensor]
+
+
+def logits_loss(criterion: Criterion) -> LossFn:
+    """A ``Criterion`` (a function of logits) as a loss of the step's outputs."""
+
+    def loss(x, y, out, old):
+        return criterion(out[0], y, None if old is None else old[0])
+
+    return loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,17 +61,26 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     return contextlib.nullcontext()
 
 
-def make_optimizer(model: torch.nn.Module, cfg):
-    """SGD + MultiStepLR from the ``train`` section: (optimiser, schedule)."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(model: torch.nn.Module, cfg, params=None):
+    """SGD + MultiStepLR from the ``train`` section over ``params`` (default: all of the model's)."""
+    params = model.parameters() if params is None else params
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
     return opt, sched
 
 
-def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_model: torch.nn.Module | None,
+def train_task(model: torch.nn.Module, loader, cfg, loss: "Criterion | LossFn", old_model: torch.nn.Module | None,
                task: int, device: torch.device, amp: str = "off", progress: bool = True, position: int = 0,
-               graphs: str = "off", capture: "GraphBackend | None" = None) -> int:
+               graphs: str = "off", capture: "GraphBackend | None" = None, params=None,
+               after_step: Callable[[], None] | None = None, epoch_end: Callable[[int], None] | None = None,
+               desc: str | None = None) -> int:
     """Train ``model`` in place on ``loader`` for ``cfg.epochs`` (``cfg`` is the ``train`` section).
+
+    ``loss`` is a ``Criterion`` (logits only) or a ``LossFn`` of the step's
+    outputs; ``old_model``, when given, runs on every batch without gradient
+    and its outputs go to the loss. ``params`` (default: all) are what SGD
+    updates. ``after_step()`` runs after every step, ``epoch_end(epoch)``
+    after every epoch (validation, keeping the best epoch).
 
     ``graphs`` is the resolved ``train.cuda_graphs``: "off", "on" (a failed
     capture is an error) or "try" (a failed capture falls back to eager steps
@@ -69,10 +90,10 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
     ``cfg.log_every`` times per epoch for the progress bar and the finiteness
     check. Returns the number of images trained on.
     """
-    step, opt, sched = build_step(model, cfg, criterion, old_model, device, amp, graphs, capture)
+    step, opt, sched = build_step(model, cfg, loss, old_model, device, amp, graphs, capture, params)
     n_batches = len(loader)
     read_at = {max(1, round(n_batches * (k + 1) / cfg.log_every)) for k in range(cfg.log_every)}
-    bar = tqdm(total=cfg.epochs * n_batches, desc=f"task {task + 1}", unit="batch", leave=False,
+    bar = tqdm(total=cfg.epochs * n_batches, desc=desc or f"task {task + 1}", unit="batch", leave=False,
                disable=not progress, position=position, dynamic_ncols=True)
     images = 0
     model.train()
@@ -84,6 +105,8 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
                 # A graphed step returns its static loss tensor, overwritten by
                 # the next replay: it is added here, before the next step.
                 loss_sum += step(x, y).detach() * len(y)
+                if after_step is not None:
+                    after_step()
                 seen += len(y)
                 if i in read_at:
                     value = (loss_sum / seen).item()  # the only host sync: a few per epoch
@@ -94,26 +117,29 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
                     last_read = i
             images += seen
             sched.step()
+            if epoch_end is not None:
+                epoch_end(epoch)
     finally:
         bar.close()
     return images
 
 
-def build_step(model, cfg, criterion: Criterion, old_model, device: torch.device, amp: str = "off",
-               graphs: str = "off", capture: "GraphBackend | None" = None):
+def build_step(model, cfg, loss: "Criterion | LossFn", old_model, device: torch.device, amp: str = "off",
+               graphs: str = "off", capture: "GraphBackend | None" = None, params=None):
     """The step the loop calls, with its optimiser and schedule: (step, opt, sched).
 
     Shared by ``train_task`` and the benchmarks, so that the bare step and the
     reference pipeline they compare against run exactly the trainer's step.
     """
-    opt, sched = make_optimizer(model, cfg)
-    step = make_step(model, opt, criterion, old_model, autocast_for(device, amp))
+    opt, sched = make_optimizer(model, cfg, params)
+    loss_fn = logits_loss(loss) if isinstance(loss, Criterion) else loss
+    step = make_step(model, opt, loss_fn, old_model, autocast_for(device, amp))
     if graphs != "off":
         step = GraphedStep(step, opt, capture or CudaGraphs(device), strict=graphs == "on")
     return step, opt, sched
 
 
-def make_step(model, opt, criterion: Criterion, old_model, autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_step(model, opt, loss_fn: LossFn, old_model, autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One SGD step on a batch; returns the loss tensor (not synchronised).
 
     Nothing in it reads a value back to the host or branches on data, so it
@@ -124,13 +150,13 @@ def make_step(model, opt, criterion: Criterion, old_model, autocast) -> Callable
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast:
-            z = model(x)
-            if criterion.distills:
+            out = model(x, with_features=True)
+            if old_model is not None:
                 with torch.no_grad():
-                    z_old = old_model(x)
+                    old = old_model(x, with_features=True)
             else:
-                z_old = None
-        loss = criterion(z, y, z_old)
+                old = None
+        loss = loss_fn(x, y, out, old)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,3 +1,3 @@
-from .resnet import MODELS, ResNetCifar, create_model
+from .resnet import MODELS, Outputs, ResNetCifar, create_model
 
-__all__ = ["MODELS", "ResNetCifar", "create_model"]
+__all__ = ["MODELS", "Outputs", "ResNetCifar", "create_model"]

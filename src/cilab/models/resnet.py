@@ -14,9 +14,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from typing import NamedTuple
+
 from ..registry import Registry
 
 MODELS: Registry = Registry("model")
+
+
+class Outputs(NamedTuple):
+    """What ``model(x, with_features=True)`` gives a loss: logits (B x O) and the features the head reads (B x D).
+
+    Every backbone follows this contract (``features(x)``, ``head``, and
+    ``forward(x, with_features)``), so every method, classifier and memory
+    builder works on any of them.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
 
 
 class BasicBlock(nn.Module):
@@ -62,8 +76,10 @@ class ResNetCifar(nn.Module):
         x = self.layers(x)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        f = self.features(x)
+        z = self.head(f)
+        return Outputs(z, f) if with_features else z
 
 
 @MODELS.register("resnet32")

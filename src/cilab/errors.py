@@ -1,0 +1,9 @@
+"""Errors that name a problem and its fix; shared by config, methods and the rest.
+
+A module of its own so that ``config`` and the method plugins can both raise
+``ConfigError`` without importing each other.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and how to fix it."""

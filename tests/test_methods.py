@@ -1,0 +1,253 @@
+"""Methods as plugins (issue 16): the API, ER / WA / EWC, first-task schedules and B50 splits.
+
+Tiny runs on the bundled digits (10 classes) on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from cilab import experiment
+from cilab.config import ConfigError, build_config, task_train_config
+from cilab.data import Scenario
+from cilab.methods import METHODS, TaskContext
+from cilab.methods.ewc import EWC, EWCArgs
+from cilab.methods.wa import WAArgs, WeightAligning
+
+TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+MEM = ["memory.size=40"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(m: dict) -> dict:
+    return {c: (m[c]["accuracy"], m[c]["accuracy_matrix"]) for c in m["classifiers"]} | {
+        "train_images": m["train_images"], "memory_total": m["memory_total"]}
+
+
+# -- the API ------------------------------------------------------------------------------
+
+
+def test_every_method_of_the_study_and_the_new_ones_is_a_registered_plugin():
+    assert {"finetune", "joint", "lwf", "icarl", "er", "wa", "ewc"} <= set(METHODS)
+
+
+def test_method_args_are_checked_like_every_other_section():
+    cfg = build_config("wa", ["method_args.T=3"])
+    assert cfg.method_args == {"T": 3.0, "clip": True, "align_bias": False}  # completed with the defaults
+    with pytest.raises(ConfigError, match="method wa has no setting 'method_args.temp'; its settings: T, clip"):
+        build_config("wa", ["method_args.temp=3"])
+    with pytest.raises(ConfigError, match="'method_args.T' must be a number"):
+        build_config("wa", ["method_args.T=hot"])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        build_config("wa", ["method_args.T=0"])
+    with pytest.raises(ConfigError, match="method icarl has no setting 'method_args.T'; its settings: none"):
+        build_config("icarl", ["method_args.T=2"])
+
+
+def test_config_and_methods_do_not_import_each_other_at_import_time():
+    src = (ROOT / "src/cilab/methods/base.py").read_text()
+    assert "from ..config import" not in src.split("def parse_args")[0]
+    top = (ROOT / "src/cilab/config.py").read_text().split("def validate")[0]
+    assert "from .methods" not in top
+
+
+def test_no_method_name_is_spelled_out_in_the_protocol():
+    src = (ROOT / "src/cilab/experiment.py").read_text()
+    for name in ("finetune", "joint", "lwf", "icarl", "\"er\"", "wa", "ewc"):
+        assert f"'{name}'" not in src and f'"{name}"' not in src, name
+
+
+# -- WA: weight aligning ------------------------------------------------------------------------
+
+
+def _ctx(model, n_old, n_seen, **kw) -> TaskContext:
+    return TaskContext(t=1, n_old=n_old, n_seen=n_seen, num_classes=kw.get("num_classes", 4), model=model,
+                       memory=None, criterion=None, device=torch.device("cpu"), generator=torch.Generator(),
+                       train_cfg=None, data=kw.get("data"), features=None, normalize=kw.get("normalize"),
+                       train=None, new_model=None, log=print)
+
+
+def test_weight_aligning_rescales_new_weights_to_the_old_mean_norm_by_hand():
+    model = torch.nn.Module()
+    model.head = torch.nn.Linear(2, 4)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 3.0], [4.0, 0.0], [0.0, 0.0]]))
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 7.0]))
+    # old rows 0-1 have norms 1 and 3 (mean 2); the new row 2 has norm 4; row 3 is a class not seen yet
+    WeightAligning(WAArgs()).after_train(_ctx(model, n_old=2, n_seen=3))
+    # gamma = 2 / 4 = 0.5: the new row [4, 0] becomes [2, 0]; the unseen row 3 and all biases stay
+    assert model.head.weight.tolist() == [[1.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 0.0]]
+    assert model.head.bias.tolist() == [0.0, 0.0, 5.0, 7.0]
+    WeightAligning(WAArgs(align_bias=True)).after_train(_ctx(model, n_old=1, n_seen=3))
+    # old norm 1, new norms 3 and 2 (mean 2.5): gamma 0.4 on rows 1-2 and, with align_bias, biases 1-2
+    assert torch.allclose(model.head.weight, torch.tensor([[1.0, 0.0], [0.0, 1.2], [0.8, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(model.head.bias, torch.tensor([0.0, 0.0, 2.0, 7.0]))
+
+
+def test_wa_on_digits_leaves_equal_mean_norms_after_every_task(tmp_path):
+    out = tmp_path / "wa"
+    m = experiment.run(build_config("wa", TINY + MEM), out, progress=False)
+    assert m["status"] == "complete"
+    for t in range(1, 5):
+        state = torch.load(out / "checkpoints" / f"task_{t + 1:02d}.pt", weights_only=False)
+        w = state["model"]["head.weight"]
+        n_old, n_seen = 2 * t, 2 * (t + 1)
+        norms = w.norm(dim=1)
+        assert torch.isclose(norms[:n_old].mean(), norms[n_old:n_seen].mean(), rtol=1e-5), t
+        assert (w >= 0).all()  # clipped after every step
+
+
+# -- EWC: the penalty -------------------------------------------------------------------------
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_along_high_fisher_directions():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    ewc = EWC(EWCArgs(lambda_=10.0))
+    ewc.anchors = [[torch.tensor([[1.0, -2.0]])]]
+    ewc.fishers = [[torch.tensor([[4.0, 0.25]])]]
+    assert ewc.penalty(model).item() == 0.0
+    with torch.no_grad():
+        model.weight.add_(torch.tensor([[0.5, 0.0]]))  # along the high-Fisher weight
+    high = ewc.penalty(model).item()
+    assert high == pytest.approx(10.0 / 2 * 4.0 * 0.25)  # lambda/2 * F * delta^2 = 5
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.5]]))  # the same step along the low-Fisher weight
+    assert ewc.penalty(model).item() == pytest.approx(10.0 / 2 * 0.25 * 0.25)
+    ewc.anchors.append([torch.tensor([[0.0, 0.0]])])  # a second task's term adds up (per_task mode)
+    ewc.fishers.append([torch.tensor([[1.0, 1.0]])])
+    assert ewc.penalty(model).item() == pytest.approx(5 * (0.25 * 0.25) + 5 * (1.0 + 2.25))
+
+
+def test_ewc_fisher_is_the_mean_squared_batch_gradient_by_hand():
+    # Logits (w0*x, w1*x) at w = 0, x = 1, label 0: p = (1/2, 1/2), so
+    # d(-log p_0)/dw0 = (p_0 - 1) x = -1/2 and d/dw1 = p_1 x = +1/2: squared 1/4
+    # each, the same for every batch (of identical images), so the Fisher is 1/4.
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        model.lin.weight.zero_()
+    model.forward = lambda x: model.lin(x)
+    x = torch.ones(4, 1)
+    y = torch.zeros(4, dtype=torch.int64)
+    ctx = _ctx(torch.nn.Module(), 0, 2, data=lambda lo, hi: (x, y), normalize=lambda v: v)
+    ctx.model = model
+    fisher = EWC(EWCArgs(fisher_batch=2)).fisher(ctx)
+    assert torch.allclose(fisher[0], torch.tensor([[0.25], [0.25]]))
+
+
+# -- joint: a fresh network per task ---------------------------------------------------------------
+
+
+def test_joint_starts_every_task_from_a_fresh_network_unless_warm_start(monkeypatch, tmp_path):
+    two = ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+    starts, ends = [], []  # the weights each training starts from / each task ends with, in call order
+    real_train, real_task = experiment.train_task, experiment.Protocol.run_task
+
+    def spy_train(model, *a, **k):
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real_train(model, *a, **k)
+
+    def spy_task(self, t):
+        real_task(self, t)
+        ends.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+    monkeypatch.setattr(experiment, "train_task", spy_train)
+    monkeypatch.setattr(experiment.Protocol, "run_task", spy_task)
+    experiment.run(build_config("joint", two), tmp_path / "a", progress=False)
+    experiment.run(build_config("joint", two + ["train.first_task.lr=0.5"]), tmp_path / "b", progress=False)
+    experiment.run(build_config("joint", two + ["method_args.warm_start=true"]), tmp_path / "c", progress=False)
+    assert not torch.equal(ends[0]["head.weight"], ends[2]["head.weight"])  # task 1 trained differently in b
+    for n in starts[1]:
+        assert torch.equal(starts[1][n], starts[3][n]), n  # ... yet task 2 starts from the same fresh draw
+    assert any(not torch.equal(starts[1][n], starts[0][n]) for n in starts[1])  # a new draw, not task 1's start
+    assert any(not torch.equal(starts[1][n], ends[0][n]) for n in starts[1])  # nor task 1's result
+    for n, p in starts[5].items():
+        assert torch.equal(p, ends[4][n]), n  # warm start: task 2 begins where task 1 ended
+
+
+# -- schedules and splits --------------------------------------------------------------------------
+
+
+def test_first_task_schedule_applies_to_task_1_only():
+    cfg = build_config("icarl", ["train.first_task.epochs=100", "train.first_task.milestones=[60,80]"]).train
+    first, later = task_train_config(cfg, 0), task_train_config(cfg, 1)
+    assert (first.epochs, first.milestones, first.lr) == (100, [60, 80], 2.0)
+    assert (later.epochs, later.milestones, later.lr) == (70, [49, 63], 2.0)
+    with pytest.raises(ConfigError, match="'train.first_task.milestones' has 90, outside 1..79"):
+        build_config("icarl", ["train.first_task.epochs=80", "train.first_task.milestones=[90]"])
+
+
+def test_b50_split_gives_a_large_first_task_and_even_ones_after():
+    sc = Scenario.from_seed(100, 11, 0, [str(i) for i in range(100)], first_task_classes=50)
+    assert sc.bounds == [0, 50] + list(range(55, 101, 5))
+    assert [len(t) for t in sc.tasks] == [50] + [5] * 10
+    assert sc.task_of(torch.tensor([0, 49, 50, 54, 55, 99])).tolist() == [0, 0, 1, 1, 2, 10]
+    with pytest.raises(ValueError, match="must split them evenly"):
+        Scenario.from_seed(100, 8, 0, [str(i) for i in range(100)], first_task_classes=50)
+
+
+@pytest.mark.parametrize("method", ["er", "wa", "ewc"])
+def test_new_methods_run_b50_style_splits_with_the_first_task_trained_longer(method, tmp_path):
+    over = ["data.name=digits", "scenario.num_tasks=4", "scenario.first_task_classes=4", "train.epochs=1",
+            "train.milestones=[]", "train.batch_size=64", "train.first_task.epochs=2"]
+    over += MEM if METHODS[method].uses_memory else []
+    m = experiment.run(build_config(method, over), tmp_path / method, progress=False)
+    assert m["classes_seen"] == [4, 6, 8, 10]
+    assert [len(t) for t in m["tasks"]] == [4, 2, 2, 2]
+    # images trained on: 2 epochs of the first task's images, then 1 epoch of each later task's (+ exemplars)
+    from cilab.data import load_dataset
+
+    data = load_dataset(build_config(method, over).data)
+    per_output = torch.bincount(Scenario.from_seed(10, 4, 0, data.class_names, 4).remap(data.y_train), minlength=10)
+    expected = 2 * int(per_output[:4].sum()) + sum(int(per_output[lo:lo + 2].sum()) for lo in (4, 6, 8))
+    expected += sum(m["memory_total"][:-1])  # exemplars of the tasks before, one epoch each
+    assert m["train_images"] == expected
+    # the last task's accuracy row has one entry per task, the first covering 4 classes
+    assert len(m[m["classifiers"][0]]["accuracy_matrix"][-1]) == 4
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["er", "wa", "ewc", "joint"])
+def test_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_path, monkeypatch):
+    over = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
+            "train.batch_size=64"] + (MEM if METHODS[method].uses_memory else [])
+    cfg = build_config(method, over)
+    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
+    real = experiment.Protocol.run_task
+
+    def stop_at_task_3(self, t):
+        if t == 2:
+            raise KeyboardInterrupt
+        real(self, t)
+
+    monkeypatch.setattr(experiment.Protocol, "run_task", stop_at_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(experiment.Protocol, "run_task", real)
+    resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _numbers(resumed) == _numbers(whole)
+
+
+# -- the page for the next method ---------------------------------------------------------------
+
+
+def test_the_documented_example_method_runs_on_digits(tmp_path):
+    spec = importlib.util.spec_from_file_location("example_method", ROOT / "docs" / "example_method.py")
+    module = importlib.util.module_from_spec(spec)
+    if "logit-match" not in METHODS:
+        spec.loader.exec_module(module)
+    m = experiment.run(build_config(None, TINY + ["method=logit-match", "method_args.weight=2",
+                                                  "loss.distillation=bce", "memory.size=0",
+                                                  "eval.classifiers=[fc]", "train.lr=0.1"]),
+                       tmp_path / "lm", progress=False)
+    assert m["method"] == "logit-match" and m["method_args"] == {"weight": 2.0}
+    assert m["fc"]["accuracy"][0] > 70.0  # task 1 (2 digits) is learnt
+    assert len(m["fc"]["accuracy"]) == 5
