@@ -42,7 +42,6 @@ from .evaluation import accuracy, confusion_matrix, extract_features, summarize,
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
-from .models import create_model
 from .trainer import autocast_for, train_task
 
 
@@ -256,6 +255,9 @@ def _sigint_deferred():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+_TASK_OLD_MODEL = object()  # train_on's default: the task's old model (None is a valid choice: no old model)
+
+
 class Protocol:
     """State of one run: model, memory, generators, metrics; advanced task by task."""
 
@@ -383,7 +385,8 @@ class Protocol:
             t=t, n_old=n_old, n_seen=n_seen, num_classes=sc.num_classes, model=self.model, memory=self.memory,
             criterion=Criterion(cfg.loss.classification, cfg.loss.distillation, n_old, n_seen),
             device=self.device, generator=self.generator, train_cfg=task_train_config(cfg.train, t),
-            data=self.class_data, features=self.features, normalize=self.normalize, train=None, new_model=self.new_model, log=self.log,
+            data=self.class_data, features=self.features, normalize=self.normalize, train=None,
+            new_model=self.new_model, log=self.log,
         )
         ctx.train = lambda x, y, **kw: self.train_on(ctx, x, y, **kw)
         return ctx
@@ -397,7 +400,7 @@ class Protocol:
         return self.method.build_model(self.cfg.model, self.scenario.num_classes)
 
     def train_on(self, ctx: TaskContext, x: torch.Tensor, y: torch.Tensor, *, loss=None, parameters=None,
-                 train_cfg=None, old_model="task", desc: str | None = None) -> int:
+                 train_cfg=None, old_model=_TASK_OLD_MODEL, desc: str | None = None) -> int:
         """The one loop on (x, y) for a method's hook; returns the images trained on.
 
         Defaults: the method's loss and parameters, the task's ``train``
@@ -406,7 +409,7 @@ class Protocol:
         (argmax over the seen outputs) is the one kept.
         """
         train_cfg = ctx.train_cfg if train_cfg is None else train_cfg
-        old_model = ctx.old_model if old_model == "task" else old_model
+        old_model = ctx.old_model if old_model is _TASK_OLD_MODEL else old_model
         loss_fn = loss or (lambda xb, yb, out, old: self.method.loss(xb, yb, out, old, ctx))
         params = list(self.method.parameters(ctx) if parameters is None else parameters)
         graphs = self.rt.graphs if self.method.graph_safe else "off"
