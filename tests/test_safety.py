@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from cilab import cli, experiment, results
 from cilab.config import Config, ConfigError, build_config
@@ -216,6 +215,17 @@ def test_overwrite_refuses_a_folder_with_a_config_yaml_but_no_marker(tmp_path, c
     assert files(project) == before
     rc, _, err = run_cli(["run", "icarl", "--out", project, *TINY, "--resume"], capsys)
     assert rc == 2 and "is not a run folder" in err and files(project) == before
+
+
+def test_a_run_folder_of_a_newer_format_is_refused(tiny_run, tmp_path, capsys, ov):
+    from cilab import runfolder
+
+    folder = copy_run(tiny_run, tmp_path / "run")
+    (folder / runfolder.MARKER).write_text('{"cilab_run_folder": 99}')
+    before = files(folder)
+    rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov, "--overwrite"], capsys)
+    assert rc == 2 and files(folder) == before
+    one_line_error(err, "was made by a newer cilab (run folder format 99")
 
 
 def test_clear_deletes_cilab_files_only(tmp_path):

@@ -187,9 +187,6 @@ def _sigint_deferred():
             os.kill(os.getpid(), signal.SIGINT)
 
 
-CHECKPOINT_KEYS = ("task", "model", "memory", "generator", "torch_rng", "metrics", "confusion", "class_order")
-
-
 class Protocol:
     """State of one run: model, memory, generators, metrics; advanced task by task."""
 
@@ -242,7 +239,7 @@ class Protocol:
             self.log(f"nothing to resume in {self.out} (no completed task); starting from task 1")
             return 0
         task, path = found
-        state = results.load_checkpoint(path, required=CHECKPOINT_KEYS)  # data only: never runs code
+        state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
         if state.get("class_order") != self.scenario.class_order or task >= self.scenario.num_tasks:
             raise RunFolderError(f"cannot resume from {path}: it was made for another class order or task split")
         self.model.load_state_dict(state["model"])

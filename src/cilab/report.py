@@ -155,8 +155,11 @@ def load_run(path: Path) -> Run:
     try:
         m = results.read_metrics(path)
     except FileNotFoundError:
-        return Run(path, None, _unfinished(path, {"completed_tasks": 0}).replace(
-            "tasks done", "tasks done (no metrics.json)"))
+        from .runfolder import holder
+
+        live = holder(path)
+        return Run(path, None, f"incomplete: running ({live.describe()}), no task finished yet" if live
+                   else "incomplete: no task finished (no metrics.json)")
     except (OSError, ValueError) as e:
         return Run(path, None, f"unreadable: {e}")
     if not isinstance(m, dict):

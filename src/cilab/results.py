@@ -43,6 +43,8 @@ CHECKPOINTS = "checkpoints"
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 FIGURES = ("accuracy.png",)  # drawn into the run folder at the end of a run
 CHECKPOINT_RE = re.compile(r"task_(\d+)\.pt")
+# What experiment.Protocol saves after each task (and a resume needs); a method plugin adds "method_state".
+CHECKPOINT_KEYS = ("task", "model", "memory", "generator", "torch_rng", "metrics", "confusion", "class_order")
 
 
 class RunFolderError(RuntimeError):
@@ -213,6 +215,8 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict:
         # torch's message suggests weights_only=False; cilab never does that, so it is not repeated.
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f"it asks to call or build {found.group(1)}" if found else "it holds objects that are not plain data"
+        if found and found.group(1).startswith("numpy"):
+            what += " (checkpoints of cilab before issue 15 held numpy arrays: rerun such a run)"
         raise CheckpointError(
             f"refused to load {path}: {what}; cilab never unpickles code from a run folder (checkpoints hold only "
             "tensors and plain data). Do not trust this run folder; delete the file or get the run again"

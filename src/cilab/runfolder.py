@@ -225,7 +225,11 @@ class RunLock:
     def acquire(self, wait: float = LOCK_WAIT_S) -> "RunLock":
         deadline = time.monotonic() + wait
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as e:
+                raise RunFolderError(f"cannot create the lock {self.path} ({e.strerror or e}); choose another --out "
+                                     "or fix its permissions") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -306,8 +310,11 @@ def check_writable(out: Path) -> None:
                              "or fix its permissions") from None
 
 
-def describe(folder: Path) -> str:
-    """What a run folder holds, in words, for messages: complete / failed / interrupted / running."""
+def describe(folder: Path, live: bool = True) -> str:
+    """What a run folder holds, in words, for messages: complete / failed / interrupted / running.
+
+    ``live``: ask the lock whether a run is in progress (False: the caller holds it).
+    """
     folder = Path(folder)
     try:
         m = results.read_metrics(folder)
@@ -317,9 +324,9 @@ def describe(folder: Path) -> str:
         m = {}
     done = results.last_checkpoint(folder)
     tasks = f"{done[0] + 1 if done else 0} of {m.get('num_tasks', '?')} tasks done"
-    live = holder(folder)
-    if live:
-        return f"a run in progress ({live.describe()}), {tasks}"
+    running = holder(folder) if live else None
+    if running:
+        return f"a run in progress ({running.describe()}), {tasks}"
     status = str(m.get("status", "running"))
     if status == "complete":
         return "a complete run"
@@ -338,11 +345,11 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} exists and is not a folder")
-    check_writable(out)
     live = None if locked or not out.exists() else holder(out)
     if live:
         raise RunFolderError(f"{out} is in use by another cilab run ({live.describe()}); two runs must not write "
                              "one folder. Wait for it to finish, stop it, or choose another --out")
+    check_writable(out)
     # A lone lock file: ours (``locked``), or left by a run killed before it wrote anything.
     if not out.exists() or all(p.name == LOCK for p in out.iterdir()):
         return "new"
@@ -363,8 +370,8 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
         # or was killed before its first checkpoint must not block a plain rerun.
         return "clear"
     raise RunFolderError(
-        f"{out} already holds results ({describe(out)}); pass --resume to continue it or --overwrite to start "
-        "again, or choose another --out"
+        f"{out} already holds results ({describe(out, live=not locked)}); pass --resume to continue it or "
+        "--overwrite to start again, or choose another --out"
     )
 
 
