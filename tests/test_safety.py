@@ -129,6 +129,12 @@ def test_plain_data_turns_numpy_scalars_into_python_numbers_and_refuses_objects(
     assert [type(got["a"]), type(got["b"][0]), type(got["c"])] == [float, int, bool]
     with pytest.raises(TypeError, match=r"metrics.x\[1\] holds a Tensor"):
         results.plain_data({"x": [1, torch.ones(1)]})
+    # a method's state: tensors pass, numpy arrays become tensors, objects are still refused
+    got = results.plain_data({"w": torch.ones(2), "f": np.full(3, 0.5), "n": np.int32(7)}, "method_state", tensors=True)
+    assert torch.equal(got["w"], torch.ones(2)) and torch.equal(got["f"], torch.full((3,), 0.5, dtype=torch.float64))
+    assert got["n"] == 7 and type(got["n"]) is int
+    with pytest.raises(TypeError, match=r"method_state.f holds a builtin_function_or_method"):
+        results.plain_data({"f": len}, "method_state", tensors=True)
 
 
 def test_a_method_state_of_tensors_and_plain_data_loads(tmp_path):

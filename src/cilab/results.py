@@ -172,20 +172,26 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return max(found, default=None)
 
 
-def plain_data(obj: Any, where: str = "metrics") -> Any:
-    """``obj`` as JSON-like plain data (dict, list, str, int, float, bool, None).
+def plain_data(obj: Any, where: str = "metrics", tensors: bool = False) -> Any:
+    """``obj`` as JSON-like plain data (dict, list, str, int, float, bool, None), and tensors if ``tensors``.
 
     numpy scalars become Python numbers (``float(np.mean(...))`` is easy to
     forget, and a numpy scalar in a checkpoint would make it unloadable with
-    ``weights_only=True``); tuples become lists; anything else is a bug and
-    raises TypeError naming where it is.
+    ``weights_only=True``); tuples become lists; with ``tensors``, numpy arrays
+    become tensors (a method's state for the checkpoint: ``plain_data(state,
+    "method_state", tensors=True)``); anything else is a bug and raises
+    TypeError naming where it is.
     """
     if obj is None or type(obj) in (str, int, float, bool):
         return obj
+    if tensors and isinstance(obj, torch.Tensor):
+        return obj
+    if tensors and isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, dict):
-        return {plain_data(k, where): plain_data(v, f"{where}.{k}") for k, v in obj.items()}
+        return {plain_data(k, where): plain_data(v, f"{where}.{k}", tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [plain_data(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]
     if isinstance(obj, (np.bool_, bool)):
         return bool(obj)
     if isinstance(obj, (np.integer, int)):
