@@ -93,7 +93,7 @@ def test_wa_on_digits_leaves_equal_mean_norms_after_every_task(tmp_path):
     m = experiment.run(build_config("wa", TINY + MEM), out, progress=False)
     assert m["status"] == "complete"
     for t in range(1, 5):
-        state = torch.load(out / "checkpoints" / f"task_{t + 1:02d}.pt", weights_only=False)
+        state = torch.load(out / "checkpoints" / f"task_{t + 1:02d}.pt", weights_only=True)
         w = state["model"]["head.weight"]
         n_old, n_seen = 2 * t, 2 * (t + 1)
         norms = w.norm(dim=1)

@@ -236,8 +236,11 @@ def test_a_ctrl_c_that_a_library_swallows_still_stops_the_run_after_the_task(tmp
 @pytest.fixture
 def old_run(tmp_path):
     """A run folder holding results (as a previous run leaves it)."""
+    from cilab import runfolder
+
     out = tmp_path / "old"
     results.atomic_write_yaml(out / results.CONFIG, build_config("icarl", TINY).to_dict())
+    runfolder.write_marker(out)
     results.atomic_write_json(out / results.METRICS, {"status": "complete", "completed_tasks": 5})
     results.atomic_write_bytes(out / results.CHECKPOINTS / "task_01.pt", b"weights")
     return out

@@ -126,7 +126,7 @@ def test_summary_of_real_runs_matches_numpy_and_failed_runs_are_excluded(real_ru
     assert not [r for r in rows if r["preset"] == "lwf"]  # failed + incomplete: not aggregated
 
     md = (out / "report.md").read_text()
-    assert "failed: RuntimeError: boom" in md and "incomplete: running, 3/5 tasks done" in md
+    assert "failed: RuntimeError: boom" in md and "incomplete: interrupted (process gone), 3/5 tasks done" in md
     assert {r.name for r in rep.excluded} == {"lwf-s0", "lwf-s1"}
     # the accuracy curve table: mean over the seeds after each task
     with open(out / "curves.csv") as f:

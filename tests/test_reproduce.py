@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from cilab import cli, experiment, results
+from cilab import cli, experiment, results, runfolder
 from cilab.config import ConfigError, preset_names
 from cilab.data import DatasetError
 from cilab.reproduce import load_groups, plan, reproduce, run_one
@@ -121,6 +121,7 @@ def fake_run(fail: set):
     """Stands for experiment.run: writes a complete run folder, or raises for the runs in ``fail``."""
     def run(cfg, folder, *, resume=False, overwrite=False, progress=True, position=0, meta=None, log=None):
         folder.mkdir(parents=True, exist_ok=True)
+        runfolder.write_marker(folder)  # as experiment.run marks its folders
         results.atomic_write_yaml(folder / results.CONFIG, cfg.to_dict())
         if folder.name in fail:
             raise RuntimeError(f"injected failure in {folder.name}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +23,10 @@ import yaml
 
 
 from .errors import ConfigError  # noqa: F401  (re-exported: cilab.config.ConfigError is public)
+
+
+INT_LIMIT = 2**63  # integers must fit in 64 bits (torch, numpy)
+SEED_LIMIT = 2**32  # scikit-learn's random_state (svm, mlp classifiers) takes seeds below 2**32
 
 
 @dataclass
@@ -193,10 +199,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
     if hint is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
+            # Beyond 64 bits torch, numpy and scikit-learn fail deep inside a
+            # run with an overflow that names no key.
+            if not -INT_LIMIT <= value < INT_LIMIT:
+                raise ConfigError(f"'{key}' is {value}, too large; it must lie within +-2**63")
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         raise ConfigError(f"'{key}' must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-9 (no dot) as a string
@@ -205,7 +215,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                value = math.inf
+            # NaN passes every comparison check (nan > 0 is False, nan < 0 too)
+            # and inf only fails once training has started.
+            if not math.isfinite(value):
+                raise ConfigError(f"'{key}' must be a finite number, got {value}")
+            return value
         raise ConfigError(f"'{key}' must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
@@ -286,11 +304,32 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml") and p.name != "groups.yaml")
 
 
+def _read_preset_file(path: Path) -> str:
+    """A preset file's text; ConfigError (one line) for a folder, a missing or unreadable file, non-UTF-8 bytes."""
+    if path.is_dir():
+        raise ConfigError(f"preset '{path}' is a folder; give a preset name ({', '.join(preset_names())}) "
+                          "or a YAML file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"preset file '{path}' not found; give a preset name or an existing YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read preset '{path}': {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"preset '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+
+
 def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset by name (``icarl``) or a YAML file path; ``extends:`` chains are followed."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"a preset must be named by a string, got {name_or_path!r}")
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        text = path.read_text()
+    # A path: a YAML suffix, a folder separator, or an existing folder (refused as such below).
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path or path.is_dir():
+        text = _read_preset_file(path)
     else:
         res = resources.files("cilab") / "presets" / f"{name_or_path}.yaml"
         if not res.is_file() or name_or_path == "groups":
@@ -301,10 +340,19 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
                 "or pass a path to a YAML file."
             )
         text = res.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"preset '{name_or_path}' is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"preset '{name_or_path}' must be a YAML mapping")
+        raise ConfigError(f"preset '{name_or_path}' must be a YAML mapping of config keys")
     parent = data.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"preset '{name_or_path}': 'extends' must be one preset name or YAML path, "
+                          f"got {type(parent).__name__} {parent!r}")
     if parent:
         if parent in _seen:
             raise ConfigError(f"preset '{name_or_path}' extends itself through {' -> '.join(_seen)}")
@@ -393,6 +441,8 @@ def validate(cfg: Config) -> None:
         if cfg.scenario.num_tasks < 2:
             raise ConfigError("scenario.first_task_classes needs scenario.num_tasks >= 2 (the first task and the rest)")
     _positive("seed", cfg.seed, zero_ok=True)
+    if cfg.seed >= SEED_LIMIT:
+        raise ConfigError(f"'seed' is {cfg.seed}; it must be below 2**32 = {SEED_LIMIT} (scikit-learn's limit)")
 
     t = cfg.train
     _positive("train.epochs", t.epochs)

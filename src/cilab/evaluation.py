@@ -42,13 +42,15 @@ def task_accuracies(pred: torch.Tensor, y: torch.Tensor, task: "torch.Tensor | i
 
     ``task`` is the task index of each label (``Scenario.task_of(y)``), or, when
     all tasks have the same size, that size (the task is then ``y // size``).
+    NaN (null in metrics.json) for a task without test images: an accuracy
+    over zero images is undefined, never 0%.
     """
     if isinstance(task, int):
         task = y // task
     correct = (pred == y).float()
     hits = torch.zeros(n_tasks_seen, device=y.device).index_add_(0, task, correct)
-    counts = torch.bincount(task, minlength=n_tasks_seen).clamp_min(1)
-    return (100.0 * hits / counts).tolist()
+    counts = torch.bincount(task, minlength=n_tasks_seen).float()
+    return (100.0 * hits / counts).tolist()  # 0 / 0 = nan
 
 
 def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int) -> np.ndarray:
@@ -57,7 +59,8 @@ def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int) -> np.ndarray:
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (pred == y).float().mean().item() if len(y) else 0.0
+    # mean() of nothing is nan: an accuracy over zero images is undefined, never 0%.
+    return 100.0 * (pred == y).float().mean().item() if len(y) else float("nan")
 
 
 def forgetting(matrix: list[list[float | None]]) -> float:

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import os
 import pickle
-import shutil
 import signal
 import threading
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import results
+from . import results, runfolder
 from .classifiers import FitData, build_classifier
 from .config import Config, ConfigError, task_train_config
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
@@ -42,11 +41,8 @@ from .evaluation import accuracy, confusion_matrix, extract_features, summarize,
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
+from .results import RunFolderError  # noqa: F401 - the CLI's user errors name it here
 from .trainer import autocast_for, train_task
-
-
-class RunFolderError(RuntimeError):
-    pass
 
 
 def resolve_device(train_cfg) -> torch.device:
@@ -104,63 +100,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_run_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
-    """Refuse to clobber results; check a resumed run has the same config.
-
-    Only looks, never changes anything: returns whether the folder must be
-    emptied (``overwrite`` of a non-empty run folder), which ``run`` does once
-    everything else that can refuse the run has been checked, so that a run
-    refused for another reason never costs the previous results.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out} exists and is not a folder")
-    non_empty = out.exists() and any(out.iterdir())
-    if resume:
-        saved = out / results.CONFIG
-        if saved.exists():
-            import yaml
-
-            from .config import config_from_dict
-
-            try:
-                old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
-            except (yaml.YAMLError, ConfigError) as e:
-                raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
-            if old != cfg:
-                diff = _config_diff(old.to_dict(), cfg.to_dict())
-                raise RunFolderError(f"cannot resume {out}: its config differs ({diff}); rerun with the same preset and overrides")
-        return False
-    if non_empty and not overwrite:
-        raise RunFolderError(
-            f"{out} already holds results; pass --resume to continue it or --overwrite to start again, or choose another --out"
-        )
-    if non_empty and not _looks_like_run_folder(out):
-        # --overwrite deletes the whole folder: never do that to a folder cilab did not make
-        # (a mistyped --out pointing at a home or data folder).
-        raise RunFolderError(
-            f"{out} is not empty and is not a run folder (no {results.CONFIG}, {results.METRICS} or "
-            f"{results.CHECKPOINTS}/); --overwrite only replaces run folders. Choose another --out."
-        )
-    return non_empty
-
-
-def _looks_like_run_folder(out: Path) -> bool:
-    return any((out / name).exists() for name in (results.CONFIG, results.METRICS, results.CHECKPOINTS))
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
-    diffs = []
-    for k in a:
-        if isinstance(a[k], dict):
-            d = _config_diff(a[k], b[k], prefix + k + ".")
-            if d:
-                diffs.append(d)
-        elif a[k] != b[k]:
-            diffs.append(f"{prefix}{k}: {a[k]!r} saved, {b[k]!r} now")
-    return "; ".join(diffs)
-
-
 def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
         position: int = 0, meta: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Run the whole protocol of ``cfg`` into the run folder ``out``; returns metrics.json's content.
@@ -170,9 +109,9 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     out = Path(out)
     log = log or (lambda msg: tqdm.write(msg))
     # Everything that can refuse the run is checked before the run folder is
-    # touched: the folder first (cheap, before loading data), then the device,
-    # the data and the task split.
-    clear = check_run_folder(out, cfg, resume, overwrite)
+    # touched: the folder first (cheap, before loading data: not a run folder,
+    # in use by another run, unwritable), then the device, the data and the task split.
+    runfolder.check(out, cfg, resume, overwrite)
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
@@ -180,13 +119,10 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
                                       cfg.scenario.first_task_classes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if clear:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in results.remove_temp_files(out):  # left by a process killed mid-write
-        log(f"removed {stale}, an unfinished write of a killed run")
-    results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
-    return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
+    # Locked for the life of the run: a second run on `out` is refused at once.
+    with runfolder.claim(out, cfg, resume, overwrite, log):
+        results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
+        return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
 
 
 def _load_data(data_cfg):
@@ -315,7 +251,7 @@ class Protocol:
             self.log(f"nothing to resume in {self.out} (no completed task); starting from task 1")
             return 0
         task, path = found
-        state = results.load_checkpoint(path)
+        state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
         if state.get("class_order") != self.scenario.class_order or task >= self.scenario.num_tasks:
             raise RunFolderError(f"cannot resume from {path}: it was made for another class order or task split")
         self.model.load_state_dict(state["model"])
@@ -324,7 +260,7 @@ class Protocol:
         torch.set_rng_state(state["torch_rng"])
         self.method.load_state_dict(state.get("method", {}))
         self.metrics = state["metrics"]
-        self.confusion = dict(state["confusion"])
+        self.confusion = {k: v.numpy() for k, v in state["confusion"].items()}
         self._saved_metrics = copy.deepcopy(self.metrics)
         self.log(f"resuming {self.out} after task {task + 1}/{self.scenario.num_tasks}")
         return task + 1
@@ -333,8 +269,10 @@ class Protocol:
         state = {
             "task": task, "model": self.model.state_dict(), "memory": self.memory.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "metrics": self.metrics, "confusion": self.confusion, "class_order": self.scenario.class_order,
-            "method": self.method.state_dict(),
+            # Tensors and plain data only, so that torch.load(weights_only=True) reads it back.
+            "metrics": results.plain_data(self.metrics), "class_order": self.scenario.class_order,
+            "confusion": {k: torch.from_numpy(v) for k, v in self.confusion.items()},
+            "method": results.plain_data(self.method.state_dict(), "method", tensors=True),
         }
         # The checkpoint is the commit point and holds everything a resume
         # needs (confusion matrices included); confusion.npz and metrics.json

@@ -113,26 +113,66 @@ def find_run_folders(paths: list[str | Path]) -> list[Path]:
     return unique
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _metrics_problems(m: dict) -> list[str]:
+    """What a complete run's metrics.json lacks or holds wrongly (a hand-edited or foreign file)."""
+    if not isinstance(m.get("classifiers"), list) or not all(isinstance(c, str) for c in m["classifiers"]):
+        return ["a list of classifier names under 'classifiers'"]
+    problems = [f"a positive integer '{k}'" for k in ("classes_per_task", "num_tasks")
+                if not (isinstance(m.get(k), int) and not isinstance(m.get(k), bool) and m[k] > 0)]
+    for c in m["classifiers"]:
+        section = m.get(c)
+        if not isinstance(section, dict):
+            problems.append(f"a section '{c}'")
+            continue
+        for k in ("accuracy", "current_task_accuracy"):  # null: an accuracy over no images
+            v = section.get(k)
+            if not isinstance(v, list) or not v or not all(x is None or _is_number(x) for x in v):
+                problems.append(f"a non-empty list of numbers '{c}.{k}'")
+        for k in ("average_incremental_accuracy", "final_accuracy", "forgetting"):
+            if not (section.get(k) is None and k in section) and not _is_number(section.get(k)):
+                problems.append(f"a number '{c}.{k}'")
+    return problems
+
+
+def _unfinished(path: Path, m: dict) -> str:
+    """A run that is neither complete nor failed: still running, or its process is gone (item 7 of issue 15)."""
+    from .runfolder import holder
+
+    status = str(m.get("status", "running"))
+    done = f"{m.get('completed_tasks', 0)}/{m.get('num_tasks', '?')} tasks done"
+    if status == "running":
+        live = holder(path)
+        status = f"running ({live.describe()})" if live else "interrupted (process gone)"
+    return f"incomplete: {status}, {done}"
+
+
 def load_run(path: Path) -> Run:
     path = Path(path)
     try:
         m = results.read_metrics(path)
     except FileNotFoundError:
-        return Run(path, None, "incomplete: no task finished (no metrics.json)")
+        from .runfolder import holder
+
+        live = holder(path)
+        return Run(path, None, f"incomplete: running ({live.describe()}), no task finished yet" if live
+                   else "incomplete: no task finished (no metrics.json)")
     except (OSError, ValueError) as e:
         return Run(path, None, f"unreadable: {e}")
+    if not isinstance(m, dict):
+        return Run(path, None, f"unreadable: metrics.json holds a JSON {type(m).__name__}, not an object")
     status = str(m.get("status", "unknown"))
     if status == "complete":
-        missing = [k for k in ("classifiers", "classes_per_task", "num_tasks") if k not in m]
-        missing += [f"{c}.{k}" for c in m.get("classifiers", []) for k in
-                    ("accuracy", "current_task_accuracy", "average_incremental_accuracy", "final_accuracy", "forgetting")
-                    if k not in m.get(c, {})]
-        if missing:
-            return Run(path, m, f"unreadable: metrics.json lacks {', '.join(missing)}")
+        problems = _metrics_problems(m)
+        if problems:
+            return Run(path, m, f"unreadable: metrics.json lacks {', '.join(problems)}")
         return Run(path, m, "complete")
     if status.startswith("failed"):
         return Run(path, m, status)
-    return Run(path, m, f"incomplete: {status}, {m.get('completed_tasks', 0)}/{m.get('num_tasks', '?')} tasks done")
+    return Run(path, m, _unfinished(path, m))
 
 
 # -- grouping and aggregation ------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 import yaml
 
-from . import experiment, results
+from . import experiment, results, runfolder
 from .config import Config, ConfigError, build_config, config_from_dict, overrides_to_dict, preset_names
 
 GROUPS_FILE = "groups.yaml"
@@ -161,14 +161,23 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _folder_action(folder: Path, cfg: Config) -> tuple[str, str | None]:
-    """(action, conflict): what to do with the run folder for this config."""
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+    """(action, conflict): what to do with the run folder for this config.
+
+    Action "refuse": a conflict that --overwrite must not resolve either (a
+    folder cilab did not make, a folder another run is writing).
+    """
+    if folder.exists() and not folder.is_dir():
+        return "refuse", f"{folder} exists and is not a folder"
+    live = runfolder.holder(folder) if folder.exists() else None
+    if live:
+        return "refuse", f"{folder} is in use by another cilab run ({live.describe()})"
+    if not folder.exists() or all(p.name == runfolder.LOCK for p in folder.iterdir()):
         return "new", None
-    if not folder.is_dir():
-        return "conflict", f"{folder} exists and is not a folder"
+    if not runfolder.is_run_folder(folder):
+        return "refuse", f"{folder} holds files but is not a run folder (no {runfolder.MARKER}); cilab never deletes it"
     saved = folder / results.CONFIG
     if not saved.exists():
-        return "conflict", f"{folder} holds files but no {results.CONFIG}"
+        return "resume", None  # marked but killed before its config was written: nothing to lose
     try:
         old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
     except Exception as e:  # noqa: BLE001 - any unreadable config is a conflict
@@ -202,7 +211,7 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
             f"Available presets: {', '.join(sorted(known))}"
         )
 
-    specs, errors, conflicts = [], {}, []  # errors: message -> runs (one line per distinct error)
+    specs, errors, conflicts, hard = [], {}, [], []  # errors: message -> runs (one line per distinct error)
     root = Path(out) / group
     for r in g["runs"]:
         preset, tag, own = r["preset"], r.get("tag"), list(r.get("overrides", []))
@@ -228,17 +237,19 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
             folder = root / name
             action, conflict = _folder_action(folder, cfg)
             if conflict:
-                if overwrite:
+                if overwrite and action != "refuse":
                     action = "overwrite"
                 else:
                     conflicts.append(conflict)
+                    hard += [conflict] if action == "refuse" else []
             specs.append(RunSpec(group, name, variant, preset, seed, ov, cfg, folder, action, dropped))
     if errors:
         lines = [f"{', '.join(names)}: {msg}" for msg, names in errors.items()]
         raise ConfigError(f"group '{group}': " + ("\n  " if len(lines) > 1 else "") + "\n  ".join(lines))
     if conflicts:
-        raise ConfigError("\n  ".join(["run folders in the way (pass --overwrite to replace them, or choose another --out):"]
-                                      + conflicts))
+        fixable = len(hard) < len(conflicts)  # with --overwrite, only the hard ones are left
+        how = "pass --overwrite to replace those with another config, or " if fixable else ""
+        raise ConfigError("\n  ".join([f"run folders in the way ({how}choose another --out):"] + conflicts))
     if check_data:
         check_datasets(specs)
     return specs

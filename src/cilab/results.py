@@ -7,6 +7,12 @@ Layout of a run folder (public interface, see README):
     confusion.npz        <classifier>_task<t> -> confusion matrix after task t (output order)
     checkpoints/task_XX.pt  model, memory, generator states, metrics and confusion matrices after task XX
     accuracy.png         accuracy after each task, one line per classifier
+    .cilab-run           cilab's marker: this folder is a run folder (see runfolder.py)
+    .cilab-lock          while a run writes the folder: its pid and start time, flock-ed
+
+A run folder is data, never code: checkpoints hold only tensors and plain data
+(dicts, lists, numbers, strings) and are loaded with ``torch.load(weights_only=True)``,
+which refuses anything that would run code while loading.
 
 Every file is written to a temporary name and renamed, so whatever moment the
 process dies, each file is either the previous complete version or the new one.
@@ -18,8 +24,10 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,18 @@ CONFUSION = "confusion.npz"
 CHECKPOINTS = "checkpoints"
 # Temporary files of atomic writes: hidden, and never matched by the globs that find results.
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+FIGURES = ("accuracy.png",)  # drawn into the run folder at the end of a run
+CHECKPOINT_RE = re.compile(r"task_(\d+)\.pt")
+# What experiment.Protocol saves after each task (and a resume needs); a method plugin adds "method_state".
+CHECKPOINT_KEYS = ("task", "model", "memory", "generator", "torch_rng", "metrics", "confusion", "class_order")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used as asked; the message says why and what to do."""
+
+
+class CheckpointError(RunFolderError):
+    """A checkpoint that cilab refuses to load: damaged, or holding more than tensors and plain data."""
 
 
 def _file_mode() -> int:
@@ -148,12 +168,74 @@ def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     """(task index, path) of the latest completed task's checkpoint, or None."""
     # By number, not by name: task_100 comes after task_99.
     found = [(int(m.group(1)) - 1, p) for p in (Path(run_dir) / CHECKPOINTS).glob("task_*.pt")
-             if (m := re.fullmatch(r"task_(\d+)\.pt", p.name))]
+             if (m := CHECKPOINT_RE.fullmatch(p.name))]
     return max(found, default=None)
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def plain_data(obj: Any, where: str = "metrics", tensors: bool = False) -> Any:
+    """``obj`` as JSON-like plain data (dict, list, str, int, float, bool, None), and tensors if ``tensors``.
+
+    numpy scalars become Python numbers (``float(np.mean(...))`` is easy to
+    forget, and a numpy scalar in a checkpoint would make it unloadable with
+    ``weights_only=True``); tuples become lists; with ``tensors``, numpy arrays
+    become tensors (a method's state for the checkpoint: ``plain_data(state,
+    "method_state", tensors=True)``); anything else is a bug and raises
+    TypeError naming where it is.
+    """
+    if obj is None or type(obj) in (str, int, float, bool):
+        return obj
+    if tensors and isinstance(obj, torch.Tensor):
+        return obj
+    if tensors and isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {plain_data(k, where): plain_data(v, f"{where}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj)
+    if isinstance(obj, str):
+        return str(obj)
+    raise TypeError(f"{where} holds a {type(obj).__name__}, which is not plain data (numbers, strings, lists, dicts)")
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's content, loaded as data only; CheckpointError for anything else.
+
+    ``torch.load(weights_only=True)`` rebuilds tensors and plain containers
+    and refuses every other pickled object, so a crafted checkpoint (shared
+    run folders are other people's files) cannot run code here. ``required``:
+    top-level keys the caller needs.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # cilab writes torch's zip format; the legacy format is a bare pickle
+        raise CheckpointError(f"{path} is damaged or not a cilab checkpoint (not a zip archive); delete it and "
+                              "rerun the task (--resume starts after the last intact checkpoint)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; cilab never does that, so it is not repeated.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it asks to call or build {found.group(1)}" if found else "it holds objects that are not plain data"
+        if found and found.group(1).startswith("numpy"):
+            what += " (checkpoints of cilab before issue 15 held numpy arrays: rerun such a run)"
+        raise CheckpointError(
+            f"refused to load {path}: {what}; cilab never unpickles code from a run folder (checkpoints hold only "
+            "tensors and plain data). Do not trust this run folder; delete the file or get the run again"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "delete it and rerun the task") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a cilab checkpoint (a dict)")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a cilab checkpoint: it lacks {', '.join(missing)}")
+    return state
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -162,6 +244,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 def is_complete(run_dir: Path) -> bool:
     try:
-        return read_metrics(run_dir).get("status") == "complete"
+        m = read_metrics(run_dir)
     except (OSError, ValueError):
         return False
+    return isinstance(m, dict) and m.get("status") == "complete"

@@ -61,19 +61,36 @@ def check_arrays(x_train, y_train, x_test, y_test, source: str) -> None:
             raise DatasetError(f"{source}: x_{split} became {tuple(x.shape)} {x.dtype}, expected N x 3 x 32 x 32 uint8")
         if y.shape != (x.shape[0],):
             raise DatasetError(f"{source}: y_{split} has {tuple(y.shape)} labels for {x.shape[0]} images")
+        # An empty test split would "evaluate" to 0% after every task and an
+        # empty training split fails deep in the first task: refuse both here.
+        if x.shape[0] == 0:
+            raise DatasetError(f"{source}: x_{split} holds no images; both splits need images (the {split} split "
+                               f"is used to {'train' if split == 'train' else 'measure every accuracy'})")
 
 
 def _to_nchw32(x: np.ndarray, what: str) -> torch.Tensor:
-    """Grey or colour images (N,H,W | N,H,W,C | N,C,H,W; C in 1,3) -> uint8 N x 3 x 32 x 32."""
+    """Grey or colour images (N,H,W | N,H,W,C | N,C,H,W; C in 1,3) -> uint8 N x 3 x 32 x 32.
+
+    A 4-d array is channels-first when axis 1 holds 1 or 3 channels, else
+    channels-last when the last axis does; for an error message, the smaller
+    of the two axes is taken for the channels (images are larger than 4 pixels).
+    """
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        if x.shape[1] not in (1, 3) and (x.shape[-1] in (1, 3) or x.shape[-1] < x.shape[1]):
             x = x.transpose(0, 3, 1, 2)
+            layout = "N x H x W x C, channels last"
+        else:
+            layout = "N x C x H x W, channels first"
+        if x.shape[1] not in (1, 3):
+            hint = "; drop the alpha channel, e.g. x[..., :3]" if x.shape[1] == 4 else ""
+            raise DatasetError(f"{what} has {x.shape[1]} channels (read as {layout}); expected 1 (grey) or 3 "
+                               f"(colour){hint}")
     else:
         raise DatasetError(f"{what} has shape {x.shape}; expected N x H x W (grey), N x H x W x C or N x C x H x W")
-    if x.shape[1] not in (1, 3):
-        raise DatasetError(f"{what} has {x.shape[1]} channels; expected 1 (grey) or 3 (colour)")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise DatasetError(f"{what} holds images of {x.shape[2]} x {x.shape[3]} pixels; images need at least 1 x 1")
     t = torch.from_numpy(np.ascontiguousarray(x))
     if t.shape[1] == 1:
         t = t.expand(-1, 3, -1, -1)
@@ -136,6 +153,35 @@ def load_cifar100(cfg) -> Dataset:
     )
 
 
+def _refuse_object_array(arrays, key: str, path: Path) -> None:
+    """Refuse an array of Python objects, read from its .npy header before any data.
+
+    Such an array can only be read by unpickling, which can run code: cilab
+    never does (``np.load(allow_pickle=False)``), and numpy's own error
+    suggests allow_pickle=True, which is not the way out here.
+    """
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with arrays.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version in readers:
+                has_object = readers[version](f)[2].hasobject
+            else:  # a newer header format: ask numpy, which refuses object arrays (allow_pickle=False)
+                arrays[key]
+                has_object = False
+    except ValueError as e:
+        has_object = "allow_pickle" in str(e)
+        if not has_object:
+            return  # a damaged header: np.load's own checks report it
+    except (KeyError, OSError):
+        return
+    if has_object:
+        dtype = "dtype=object"
+        raise DatasetError(f"'{path}': {key} is an array of Python objects ({dtype}), which only unpickling could "
+                           "read, and cilab never unpickles data files; save it as a numeric array, e.g. "
+                           "np.asarray(x, dtype=np.uint8) for images, np.int64 for labels")
+
+
 @DATASETS.register("npz")
 def load_npz(cfg) -> Dataset:
     """A user's own arrays: x_train, y_train, x_test, y_test (optional class_names).
@@ -154,6 +200,8 @@ def load_npz(cfg) -> Dataset:
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays.files]
     if missing:
         raise DatasetError(f"'{path}' lacks the arrays {missing}; it has {arrays.files}. Save with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    for key in arrays.files:
+        _refuse_object_array(arrays, key, path)
     out = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -163,6 +211,9 @@ def load_npz(cfg) -> Dataset:
             raise DatasetError(f"'{path}': y_{split} must be a 1-d integer array, got shape {y.shape} {y.dtype}")
         if len(y) != len(x):
             raise DatasetError(f"'{path}': x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if len(x) == 0:
+            raise DatasetError(f"'{path}': x_{split} holds no images; both splits need images (the {split} split "
+                               f"is used to {'train' if split == 'train' else 'measure every accuracy'})")
         out[split] = (_to_nchw32(x, f"'{path}': x_{split}"), torch.as_tensor(y.astype(np.int64)))
     train_classes = np.unique(arrays["y_train"])
     num_classes = int(train_classes.max()) + 1

@@ -1,0 +1,430 @@
+"""Which folders are run folders, who writes them, and what ``--overwrite`` may delete.
+
+- **Marker.** cilab writes ``.cilab-run`` (JSON, ``{"cilab_run_folder": <format>}``)
+  into every run folder it makes. Only a folder with this marker is a run
+  folder: a folder that merely holds a ``config.yaml`` (a project, a folder of
+  notes) is never resumed, cleared or overwritten.
+- **What cilab deletes.** ``--overwrite`` (and a plain rerun of a run that
+  never completed a task) deletes only the files cilab writes (:func:`cilab_files`):
+  config.yaml, metrics.json, confusion.npz, checkpoints/task_NN.pt, the figures
+  it draws, temporary files of its atomic writes, the marker and the lock.
+  Anything else in the folder stays where it is.
+- **One writer.** A run (new, resumed or overwritten) holds an exclusive
+  ``fcntl.flock`` on ``.cilab-lock`` for its whole life; the file says who
+  (pid, host, start time). A second run on the same folder is refused at once,
+  naming the holder. The kernel drops a flock when its process dies, however it
+  dies, so a lock left by a killed run is stale by construction; a lock whose
+  recorded pid is dead on this host is stale too (a forked child could have
+  inherited the descriptor). The lock file is removed when a run ends; one
+  that is left over means the run was killed.
+
+This module must not import experiment.py (it is imported by it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import results
+from .results import RunFolderError
+
+MARKER = ".cilab-run"
+LOCK = ".cilab-lock"
+MARKER_FORMAT = 1  # raised when the layout of a run folder changes incompatibly
+LOCK_WAIT_S = 1.0  # a reader probing the lock (cilab report) holds it for microseconds: retry that long
+
+
+# -- the marker ------------------------------------------------------------------------
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def write_marker(folder: Path) -> None:
+    results.atomic_write_json(Path(folder) / MARKER, {"cilab_run_folder": MARKER_FORMAT})
+
+
+def check_marker(folder: Path) -> None:
+    """Refuse a marker this cilab cannot read (damaged, or made by a newer cilab)."""
+    path = Path(folder) / MARKER
+    try:
+        fmt = json.loads(path.read_text())["cilab_run_folder"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunFolderError(f"{path} is damaged ({type(e).__name__}); cilab cannot tell what this folder holds. "
+                             "Choose another --out") from None
+    if not isinstance(fmt, int) or fmt > MARKER_FORMAT:
+        raise RunFolderError(f"{folder} was made by a newer cilab (run folder format {fmt!r}, this cilab reads "
+                             f"{MARKER_FORMAT}); use that cilab, or choose another --out")
+
+
+# -- the files cilab writes --------------------------------------------------------------
+
+
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(results.TMP_PREFIX) and p.name.endswith(results.TMP_SUFFIX) and p.is_file()
+
+
+def cilab_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` that cilab writes (and so may delete), by name."""
+    folder = Path(folder)
+    names = (results.CONFIG, results.METRICS, results.CONFUSION, *results.FIGURES, MARKER, LOCK)
+    found = [folder / n for n in names if (folder / n).is_file() and not (folder / n).is_symlink()]
+    found += [p for p in folder.iterdir() if _is_temp(p)] if folder.is_dir() else []
+    ckpt = folder / results.CHECKPOINTS
+    if ckpt.is_dir() and not ckpt.is_symlink():
+        found += [p for p in ckpt.iterdir() if p.is_file() and not p.is_symlink()
+                  and (results.CHECKPOINT_RE.fullmatch(p.name) or _is_temp(p))]
+    return sorted(found)
+
+
+def foreign_entries(folder: Path) -> list[Path]:
+    """Everything in ``folder`` that cilab did not write (files, folders, links)."""
+    folder = Path(folder)
+    ours = set(cilab_files(folder))
+    ckpt = folder / results.CHECKPOINTS
+    out = [p for p in folder.iterdir() if p not in ours and p != ckpt]
+    if ckpt.is_symlink() or (ckpt.exists() and not ckpt.is_dir()):
+        out.append(ckpt)
+    elif ckpt.is_dir():
+        out += [p for p in ckpt.iterdir() if p not in ours]
+    return sorted(out)
+
+
+def clear(folder: Path) -> list[Path]:
+    """Delete what cilab wrote into ``folder`` (but the lock, held by the caller); returns what was kept."""
+    folder = Path(folder)
+    for p in cilab_files(folder):
+        if p.name != LOCK:
+            p.unlink()
+    ckpt = folder / results.CHECKPOINTS
+    if ckpt.is_dir() and not ckpt.is_symlink() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+    return foreign_entries(folder)
+
+
+def _names(paths: list[Path], folder: Path, most: int = 5) -> str:
+    shown = [str(p.relative_to(folder)) + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths[:most]]
+    return ", ".join(shown) + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+# -- the lock --------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc; None where unknown."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[0], fields[19]
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What a lock file says about the run holding it."""
+
+    pid: int | None
+    host: str
+    started: str
+    proc_start: str | None = None  # /proc start ticks: tells a reused pid from the holder
+
+    def text(self) -> str:
+        return f"pid {self.pid}\nhost {self.host}\nstarted {self.started}\nproc_start {self.proc_start or '-'}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> "LockInfo":
+        kv = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+        try:
+            pid = int(kv.get("pid", ""))
+        except ValueError:
+            pid = None
+        start = kv.get("proc_start")
+        return cls(pid, kv.get("host", "?"), kv.get("started", "?"), None if start in (None, "-") else start)
+
+    @classmethod
+    def mine(cls) -> "LockInfo":
+        stat = _proc_stat(os.getpid())
+        return cls(os.getpid(), socket.gethostname(), _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   stat[1] if stat else None)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}, started {self.started}"
+
+    def dead_here(self) -> bool:
+        """True where the holder is known to be gone: on this host, and its pid dead or reused."""
+        if self.host != socket.gethostname() or self.pid is None:
+            return False  # another machine's pid (a Ray node, a shared filesystem): only the flock can tell
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+        stat = _proc_stat(self.pid)
+        if stat is None:
+            return False
+        state, start = stat
+        return state in ("Z", "X") or (self.proc_start is not None and start != self.proc_start)
+
+
+def _read_fd(fd: int) -> LockInfo | None:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        return None
+    return LockInfo.parse(text) if text.strip() else None
+
+
+def holder(folder: Path) -> LockInfo | None:
+    """The live run holding ``folder``'s lock, or None (no lock, or a stale one)."""
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            # A shared lock is granted only if nobody holds the exclusive one.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _read_fd(fd) or LockInfo(None, "?", "?")
+            return None if info.dead_here() else info
+        except OSError:  # a filesystem without flock: say nothing rather than guess
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def left_by_dead_run(folder: Path) -> bool:
+    """A lock file is there but nobody holds it: the run that wrote it was killed."""
+    return (Path(folder) / LOCK).is_file() and holder(folder) is None
+
+
+class RunLock:
+    """The exclusive lock of one run folder: ``acquire()`` ... ``release()`` (or ``with``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self, wait: float = LOCK_WAIT_S) -> "RunLock":
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as e:
+                raise RunFolderError(f"cannot create the lock {self.path} ({e.strerror or e}); choose another --out "
+                                     "or fix its permissions") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = _read_fd(fd)
+                if info is not None and info.dead_here():
+                    # Held through a descriptor its dead run left to a forked child: replace the file
+                    # (if it is still the one we looked at), the child keeps a lock on nothing.
+                    with contextlib.suppress(OSError):
+                        if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                            os.unlink(self.path)
+                    os.close(fd)
+                    continue
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                who = info.describe() if info else "a process that has not written its pid yet"
+                raise RunFolderError(
+                    f"{self.folder} is in use by another cilab run ({who}); two runs must not write one folder. "
+                    "Wait for it to finish, stop it, or choose another --out"
+                ) from None
+            except OSError as e:
+                os.close(fd)
+                raise RunFolderError(f"cannot lock {self.path} ({e}); the filesystem must support flock") from None
+            # Locked. The file may have been removed (a run ending) or replaced after we opened it:
+            # then we hold a lock on a file nobody else will look at; start again.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, LockInfo.mine().text().encode(), 0)
+            os.fsync(fd)
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Removed while still held: whoever opened it meanwhile sees another inode and retries.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- what a run may do with a folder -------------------------------------------------------
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, by trying: permissions, read-only mounts, a file in the way."""
+    out = Path(out)
+    probe_in = out
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise RunFolderError(f"cannot create {out}: {probe_in} is a file, not a folder; choose another --out")
+    try:
+        if probe_in == out:
+            fd, name = tempfile.mkstemp(dir=out, prefix=results.TMP_PREFIX, suffix=results.TMP_SUFFIX)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=results.TMP_PREFIX, suffix=results.TMP_SUFFIX))
+    except OSError as e:
+        raise RunFolderError(f"cannot write to {out} ({e.strerror or e} in {probe_in}); choose another --out "
+                             "or fix its permissions") from None
+
+
+def describe(folder: Path, live: bool = True) -> str:
+    """What a run folder holds, in words, for messages: complete / failed / interrupted / running.
+
+    ``live``: ask the lock whether a run is in progress (False: the caller holds it).
+    """
+    folder = Path(folder)
+    try:
+        m = results.read_metrics(folder)
+    except (OSError, ValueError):
+        m = None
+    if not isinstance(m, dict):
+        m = {}
+    done = results.last_checkpoint(folder)
+    tasks = f"{done[0] + 1 if done else 0} of {m.get('num_tasks', '?')} tasks done"
+    running = holder(folder) if live else None
+    if running:
+        return f"a run in progress ({running.describe()}), {tasks}"
+    status = str(m.get("status", "running"))
+    if status == "complete":
+        return "a complete run"
+    if status == "running":
+        return f"an interrupted run (process gone), {tasks}"
+    return f"a run that stopped ({status}), {tasks}"
+
+
+def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False) -> str:
+    """What a run into ``out`` will do: "new", "clear" (delete cilab's files first) or "resume".
+
+    Only looks, never changes anything; raises RunFolderError (naming what is
+    in the way) where the run must not start. ``locked``: the caller holds the
+    folder's lock (so a live holder is the caller itself).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} exists and is not a folder")
+    live = None if locked or not out.exists() else holder(out)
+    if live:
+        raise RunFolderError(f"{out} is in use by another cilab run ({live.describe()}); two runs must not write "
+                             "one folder. Wait for it to finish, stop it, or choose another --out")
+    check_writable(out)
+    # A lone lock file: ours (``locked``), or left by a run killed before it wrote anything.
+    if not out.exists() or all(p.name == LOCK for p in out.iterdir()):
+        return "new"
+    if not is_run_folder(out):
+        found = _names(sorted(out.iterdir()), out)
+        what = "--overwrite only clears run folders" if overwrite else (
+            "--resume only continues run folders" if resume else "a new run needs an empty folder")
+        raise RunFolderError(
+            f"{out} is not a run folder (no {MARKER}, which cilab writes into every run folder it makes) and it "
+            f"holds {found}; {what}. Choose another --out (a run folder of an older cilab: delete it yourself)"
+        )
+    check_marker(out)
+    if resume:
+        _check_same_config(out, cfg)
+        return "resume"
+    if overwrite or results.last_checkpoint(out) is None:
+        # Without a completed task there is nothing to lose: a run that failed
+        # or was killed before its first checkpoint must not block a plain rerun.
+        return "clear"
+    raise RunFolderError(
+        f"{out} already holds results ({describe(out, live=not locked)}); pass --resume to continue it or "
+        "--overwrite to start again, or choose another --out"
+    )
+
+
+def _check_same_config(out: Path, cfg) -> None:
+    import yaml
+
+    from .config import ConfigError, config_from_dict
+
+    saved = out / results.CONFIG
+    if not saved.exists():
+        return
+    try:
+        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
+        raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
+    if old != cfg:
+        raise RunFolderError(f"cannot resume {out}: its config differs ({config_diff(old.to_dict(), cfg.to_dict())}); "
+                             "rerun with the same preset and overrides")
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> str:
+    diffs = []
+    for k in a:
+        if isinstance(a[k], dict):
+            d = config_diff(a[k], b[k], prefix + k + ".")
+            if d:
+                diffs.append(d)
+        elif a[k] != b[k]:
+            diffs.append(f"{prefix}{k}: {a[k]!r} saved, {b[k]!r} now")
+    return "; ".join(diffs)
+
+
+@contextlib.contextmanager
+def claim(out: Path, cfg, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Iterator[str]:
+    """Hold ``out`` for a run: create it, lock it, check it again, clear it if asked, mark it.
+
+    The first :func:`check` ran before the data was loaded; the folder may
+    have changed since (another run got there first), so it is checked again
+    under the lock, and nothing is deleted before the lock is held. The lock
+    is released when the block ends, however it ends.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()
+    try:
+        action = check(out, cfg, resume, overwrite, locked=True)
+        if action == "clear":
+            kept = clear(out)
+            if kept:
+                log(f"kept {_names(kept, out)} in {out}: cilab did not write them")
+        for stale in results.remove_temp_files(out):  # left by a process killed mid-write
+            log(f"removed {stale}, an unfinished write of a killed run")
+        write_marker(out)
+        yield action
+    finally:
+        lock.release()
