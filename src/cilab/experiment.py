@@ -380,7 +380,7 @@ class Protocol:
         t0 = time.perf_counter()
 
         # 1-2. train
-        criterion = Criterion(cfg.loss.classification, cfg.loss.distillation, n_old, n_seen)
+        criterion = Criterion.from_config(cfg.loss, n_old, n_seen)
         old_model = None
         if criterion.distills:
             old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
