@@ -48,8 +48,8 @@ Options (both default to the study):
   computed on ``z[:, :n_seen]`` and ``z_old[:, :n_seen]``, i.e. every formula
   above with O replaced by n_seen, as if the head grew with each task. The
   outputs of classes not seen yet get no gradient at all; with ``train`` the
-  BCE zero targets (bce-bce, bce-none) and every softmax over all O push them
-  down from the first task on (issue 20). bce-bce's normaliser becomes
+  BCE zero targets (bce-bce, bce-none) push them down from the first task on,
+  and every softmax over all O trains them too (issue 20). bce-bce's normaliser becomes
   B * n_seen, the number of elements the loss still covers, so it stays one
   mean (iCaRL's form) and equals the study's at the last task; keeping B * O
   would instead scale the loss, and so the learning rate, by n_seen / O.
