@@ -22,7 +22,7 @@ import yaml
 
 from cilab import cli, experiment, results
 from cilab.config import build_config, config_from_dict
-from cilab.losses import CLASSIFICATION_LOSSES
+from cilab.losses import Criterion
 
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
         "train.batch_size=64", "memory.size=40"]
@@ -335,13 +335,13 @@ def test_bad_input_is_refused_by_the_cli_before_anything_is_written(tmp_path, ca
 
 
 def test_non_finite_loss_stops_with_task_epoch_and_lr_and_keeps_completed_tasks(tmp_path, capsys, monkeypatch):
-    real = CLASSIFICATION_LOSSES["bce"]
+    real = Criterion.__call__
 
-    def nan_from_task_2(z, y, first, n_seen):  # n_seen > 2: the second task of 2 classes on
-        loss = real(z, y, first, n_seen)
-        return loss * float("nan") if n_seen > 2 else loss
+    def nan_from_task_2(self, z, y, z_old):  # n_seen > 2: the second task of 2 classes on
+        loss = real(self, z, y, z_old)
+        return loss * float("nan") if self.n_seen > 2 else loss
 
-    monkeypatch.setitem(CLASSIFICATION_LOSSES._items, "bce", nan_from_task_2)
+    monkeypatch.setattr(Criterion, "__call__", nan_from_task_2)
     out = tmp_path / "run"
     rc, err = run_cli(["run", "icarl", "--out", str(out), *TINY, "--quiet"], capsys)
     assert rc == 2

@@ -84,8 +84,12 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
+    # The pair classification-distillation is one of the study's (losses.LOSS_PAIRS):
+    # bce-bce, ce-mse, bce-mse, mse-mse, ce-bce, or x-none without distillation.
     classification: str = "bce"  # bce | ce | mse
     distillation: str = "bce"  # bce | mse | none
+    ce_bce_input: str = "softmax"  # ce-bce distillation fed softmax (the study) | logits (iCaRL's BCE)
+    unseen_outputs: str = "train"  # train (the study: outputs of future classes trained to 0) | ignore
 
 
 @dataclass
@@ -423,7 +427,7 @@ def validate(cfg: Config) -> None:
     # config must not import them when it is itself imported.
     from .classifiers import CLASSIFIERS
     from .data.datasets import DATASETS
-    from .losses import CLASSIFICATION_LOSSES, DISTILLATION_LOSSES
+    from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
     from .memory import EXEMPLAR_BUILDERS, SELECTIONS
     from .methods import METHODS
     from .models import MODELS
@@ -470,8 +474,22 @@ def validate(cfg: Config) -> None:
     _choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
     _choice("train.cuda_graphs", t.cuda_graphs, ["auto", "on", "off"])
 
-    _choice("loss.classification", cfg.loss.classification, CLASSIFICATION_LOSSES)
-    _choice("loss.distillation", cfg.loss.distillation, DISTILLATION_LOSSES)
+    loss = cfg.loss
+    _choice("loss.classification", loss.classification, CLASSIFICATIONS)
+    _choice("loss.distillation", loss.distillation, DISTILLATIONS)
+    pair = f"{loss.classification}-{loss.distillation}"
+    if pair not in LOSS_PAIRS:
+        raise ConfigError(
+            f"loss.classification={loss.classification} with loss.distillation={loss.distillation}: '{pair}' is not "
+            f"one of the study's pairs ({', '.join(LOSS_PAIRS)}); pick one of those"
+        )
+    _choice("loss.ce_bce_input", loss.ce_bce_input, CE_BCE_INPUTS)
+    if loss.ce_bce_input != "softmax" and pair != "ce-bce":
+        raise ConfigError(
+            f"loss.ce_bce_input={loss.ce_bce_input} only applies to the ce-bce pair, not {pair}; "
+            "drop it, or set loss.classification=ce loss.distillation=bce"
+        )
+    _choice("loss.unseen_outputs", loss.unseen_outputs, UNSEEN_OUTPUTS)
 
     mem = cfg.memory
     _positive("memory.size", mem.size, zero_ok=True)

@@ -321,7 +321,7 @@ class Protocol:
         n_old, n_seen = sc.old(t), sc.seen(t)
         ctx = TaskContext(
             t=t, n_old=n_old, n_seen=n_seen, num_classes=sc.num_classes, model=self.model, memory=self.memory,
-            criterion=Criterion(cfg.loss.classification, cfg.loss.distillation, n_old, n_seen),
+            criterion=Criterion.from_config(cfg.loss, n_old, n_seen),
             device=self.device, generator=self.generator, train_cfg=task_train_config(cfg.train, t),
             data=self.class_data, features=self.features, normalize=self.normalize, train=None,
             new_model=self.new_model, log=self.log,
