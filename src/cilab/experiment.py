@@ -33,12 +33,13 @@ from . import results
 from .classifiers import FitData, build_classifier
 from .config import Config, ConfigError
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
-from .data.loader import Normalizer
+from .data.loader import Normalizer, data_placement, place
 from .evaluation import accuracy, confusion_matrix, extract_features, summarize, task_accuracies
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS
 from .models import create_model
+from .tracking import Trackers
 from .trainer import autocast_for, train_task
 
 
@@ -264,11 +265,13 @@ class Protocol:
         # Whole splits on the device, labels remapped so output i = i-th class of the order.
         mean, std = data.mean_std()
         self.normalizer = Normalizer(mean, std).to(device)
-        self.x_train, self.x_test = data.x_train.to(device), data.x_test.to(device)
+        where = data_placement(data.x_train.nbytes + data.x_test.nbytes, device, cfg.data.placement)
+        self.x_train, self.x_test = place(data.x_train, device, where), place(data.x_test, device, where)
         self.y_train, self.y_test = scenario.remap(data.y_train).to(device), scenario.remap(data.y_test).to(device)
 
         torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = create_model(cfg.model, scenario.num_classes).to(device, memory_format=runtime.memory_format)
+        self.model = create_model(cfg.model, scenario.num_classes, data.x_train.shape[-1]).to(
+            device, memory_format=runtime.memory_format)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection
         self.memory = ExemplarMemory(cfg.memory.size)
@@ -338,6 +341,8 @@ class Protocol:
     def run(self, resume: bool) -> dict:
         self._saved_metrics: dict | None = None  # metrics as of the last checkpoint
         start = self._restore() if resume else 0
+        self.tracker = Trackers(self.cfg.log)
+        self.tracker.start(self.out, self.cfg)
         try:
             with _InterruptWatch() as ctrl_c:
                 for t in range(start, self.scenario.num_tasks):
@@ -354,6 +359,8 @@ class Protocol:
             if self._saved_metrics is not None:
                 results.atomic_write_json(self.out / results.METRICS, {**self._saved_metrics, "status": status})
             raise
+        finally:
+            self.tracker.close()
         self.metrics["status"] = "complete"
         results.atomic_write_json(self.out / results.METRICS, self.metrics)
         try:
@@ -368,10 +375,10 @@ class Protocol:
         cpt = self.scenario.classes_per_task
         lo = 0 if self.method.train_on == "seen" else t * cpt
         mask = (self.y_train >= lo) & (self.y_train < (t + 1) * cpt)
-        x, y = self.x_train[mask], self.y_train[mask]
+        x, y = self.x_train[mask.to(self.x_train.device)], self.y_train[mask]  # x may be in host memory
         if len(self.memory):
             mx, my = self.memory.data(self.device)
-            x, y = torch.cat([x, mx]), torch.cat([y, my])
+            x, y = torch.cat([x, mx.to(x.device)]), torch.cat([y, my])
         return x, y
 
     def run_task(self, t: int) -> None:
@@ -387,8 +394,11 @@ class Protocol:
         x, y = self.training_data(t)
         loader = BatchLoader(x, y, cfg.train.batch_size, self.normalizer, cfg.train.augment, self.generator,
                              self.rt.channels_last)
+        steps_before = self.metrics.setdefault("train_steps", 0)  # the loss's x axis runs on over tasks
         images = train_task(self.train_model, loader, cfg.train, criterion, old_model, t, self.device, self.rt.amp,
-                            self.progress, self.position, graphs=self.rt.graphs)
+                            self.progress, self.position, graphs=self.rt.graphs,
+                            on_log=lambda step, loss: self.tracker.log_step(steps_before + step, loss))
+        self.metrics["train_steps"] = steps_before + cfg.train.epochs * len(loader)
         del old_model, loader
         _sync(self.device)
         t1 = time.perf_counter()
@@ -419,6 +429,7 @@ class Protocol:
             m = self.metrics[c]
             m.update(summarize(m["accuracy"], m["accuracy_matrix"]))
         self._save(t)
+        self.tracker.log_task(t, self.metrics)
         accs = "  ".join(f"{c} {self.metrics[c]['accuracy'][-1]:5.1f}%" for c in cfg.eval.classifiers)
         if self.progress:
             self.log(f"[{self.out.name}] task {t + 1}/{sc.num_tasks} ({n_seen} classes): {accs}  ({t3 - t0:.1f}s)")
@@ -430,7 +441,8 @@ class Protocol:
     def update_memory(self, t: int, n_seen: int) -> None:
         m = self.memory.per_class_quota(n_seen)
         self.memory.reduce(m)
-        new = {c: self.x_train[self.y_train == c] for c in self.scenario.task_outputs(t)}
+        new = {c: self.x_train[(self.y_train == c).to(self.x_train.device)].to(self.device)
+               for c in self.scenario.task_outputs(t)}
         ctx = BuildContext(
             cfg=self.cfg.memory, model=self.model.eval(),
             features=lambda x: torch.nn.functional.normalize(self.features(x), dim=1),
@@ -446,7 +458,7 @@ class Protocol:
         cpt = self.scenario.classes_per_task
         mask = self.y_test < n_seen
         y = self.y_test[mask]
-        feats = self.features(self.x_test[mask])  # once per task, shared by every classifier
+        feats = self.features(self.x_test[mask.to(self.x_test.device)])  # once per task, shared by every classifier
         if len(self.memory):
             mx, my = self.memory.data(self.device)
             mem_feats = self.features(mx)

@@ -58,7 +58,8 @@ def make_optimizer(model: torch.nn.Module, cfg):
 
 def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_model: torch.nn.Module | None,
                task: int, device: torch.device, amp: str = "off", progress: bool = True, position: int = 0,
-               graphs: str = "off", capture: "GraphBackend | None" = None) -> int:
+               graphs: str = "off", capture: "GraphBackend | None" = None,
+               on_log: Callable[[int, float], None] | None = None) -> int:
     """Train ``model`` in place on ``loader`` for ``cfg.epochs`` (``cfg`` is the ``train`` section).
 
     ``graphs`` is the resolved ``train.cuda_graphs``: "off", "on" (a failed
@@ -67,7 +68,8 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
 
     The running loss stays on the device; it is read (one host sync) only
     ``cfg.log_every`` times per epoch for the progress bar and the finiteness
-    check. Returns the number of images trained on.
+    check. ``on_log(step, loss)`` (tracking) gets each value read, ``step``
+    counting the task's optimiser steps from 1. Returns the number of images trained on.
     """
     step, opt, sched = build_step(model, cfg, criterion, old_model, device, amp, graphs, capture)
     n_batches = len(loader)
@@ -89,6 +91,8 @@ def train_task(model: torch.nn.Module, loader, cfg, criterion: Criterion, old_mo
                     value = (loss_sum / seen).item()  # the only host sync: a few per epoch
                     if not math.isfinite(value):
                         raise NonFiniteLossError(task, epoch, opt.param_groups[0]["lr"], value)
+                    if on_log is not None:
+                        on_log(epoch * n_batches + i, value)
                     bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.4f}", refresh=False)
                     bar.update(i - last_read)
                     last_read = i
