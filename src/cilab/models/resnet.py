@@ -100,17 +100,23 @@ def create_model(cfg, num_classes: int, image_size: int = 32) -> nn.Module:
 def check_image_size(name: str, image_size: int) -> str | None:
     """Why model ``name`` cannot take ``image_size`` x ``image_size`` images, or None if it can.
 
-    Two checks, both before any data is loaded: the factory's declared
-    ``min_image_size`` (default 1), then a forward pass on the meta device
-    (shapes only, no memory, no arithmetic), which catches a backbone that
-    fails at this size (say a flatten into a layer sized for 32x32) and one
-    whose ``features`` / ``head`` do not give the N x d / N x classes that
-    every classifier expects.
+    Before any data is loaded. A factory that declares ``min_image_size``
+    (cilab's ResNets: their total downsampling) takes every size from there
+    on. Any other (a user's backbone) is tried in a forward pass on the meta
+    device (shapes only, no memory, no arithmetic), which catches a backbone
+    that fails at this size (say a flatten into a layer sized for 32x32) and
+    one whose ``features`` / ``head`` do not give the N x d / N x classes
+    that every classifier expects.
     """
-    least = getattr(MODELS[name], "min_image_size", 1)
-    if image_size < least:
-        return f"it needs images of at least {least}x{least} (it downsamples by {least}); raise data.image_size"
-    return _meta_forward_problem(MODELS[name], name, image_size)
+    factory = MODELS[name]
+    least = getattr(factory, "min_image_size", None)
+    if least is not None:
+        # cilab's own backbones declare their limit (and take any size above it);
+        # they skip the meta pass, whose first use costs seconds of imports per process
+        if image_size < least:
+            return f"it needs images of at least {least}x{least} (it downsamples by {least}); raise data.image_size"
+        return None
+    return _meta_forward_problem(factory, name, image_size)
 
 
 @functools.lru_cache(maxsize=64)
