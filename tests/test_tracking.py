@@ -99,3 +99,15 @@ def test_log_switch_without_the_package_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails as if not installed
     with pytest.raises(ConfigError, match=r"log.wandb=true needs the wandb package: pip install 'cilab\[wandb\]'"):
         build_config("icarl", ["log.wandb=true"])
+
+
+def test_a_run_resumes_with_tracking_switched_on(tmp_path):
+    from cilab import results
+    from cilab.experiment import RunFolderError, check_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    results.atomic_write_yaml(out / results.CONFIG, build_config("icarl").to_dict())
+    assert check_run_folder(out, build_config("icarl", ["log.tensorboard=true"]), resume=True, overwrite=False) is False
+    with pytest.raises(RunFolderError, match="seed: 0 saved, 1 now"):
+        check_run_folder(out, build_config("icarl", ["seed=1"]), resume=True, overwrite=False)

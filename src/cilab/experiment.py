@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import pickle
 import shutil
@@ -125,7 +126,7 @@ def check_run_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> b
                 old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
             except (yaml.YAMLError, ConfigError) as e:
                 raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
-            if old != cfg:
+            if dataclasses.replace(old, log=cfg.log) != cfg:  # tracking may be switched on for the rest of a run
                 diff = _config_diff(old.to_dict(), cfg.to_dict())
                 raise RunFolderError(f"cannot resume {out}: its config differs ({diff}); rerun with the same preset and overrides")
         return False
@@ -270,7 +271,7 @@ class Protocol:
         self.y_train, self.y_test = scenario.remap(data.y_train).to(device), scenario.remap(data.y_test).to(device)
 
         torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = create_model(cfg.model, scenario.num_classes, data.x_train.shape[-1]).to(
+        self.model = create_model(cfg.model, scenario.num_classes, cfg.data.image_size).to(
             device, memory_format=runtime.memory_format)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection

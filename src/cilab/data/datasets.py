@@ -26,7 +26,7 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class Dataset:
-    x_train: torch.Tensor  # uint8 N x 3 x 32 x 32
+    x_train: torch.Tensor  # uint8 N x 3 x S x S (S = 32, or data.image_size for image folders)
     y_train: torch.Tensor  # int64 N, labels 0..C-1
     x_test: torch.Tensor
     y_test: torch.Tensor
