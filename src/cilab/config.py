@@ -31,10 +31,14 @@ SEED_LIMIT = 2**32  # scikit-learn's random_state (svm, mlp classifiers) takes s
 
 @dataclass
 class DataConfig:
-    name: str = "cifar100"  # cifar100 | digits | npz
-    root: str = "~/.cache/cilab"  # where datasets are found or downloaded
-    path: str | None = None  # npz file with x_train, y_train, x_test, y_test
+    name: str = "cifar100"  # cifar100 | cifar10 | digits | npz | imagefolder
+    root: str = "~/.cache/cilab"  # where datasets are found or downloaded (and image-folder caches kept)
+    path: str | None = None  # npz file with x_train, y_train, x_test, y_test; or the image folder (train/, val/)
     download: bool = True
+    image_size: int = 32  # imagefolder: images are decoded once to image_size x image_size
+    resize: str = "center-crop"  # imagefolder: center-crop (shorter side to image_size, centre cut) | squash
+    cache: bool = True  # imagefolder: keep the decoded tensors in data.root, so the next run starts at once
+    placement: str = "auto"  # auto (on the GPU when it fits, else pinned host memory) | device | host
 
 
 @dataclass
@@ -141,6 +145,13 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # scalars into <run folder>/tensorboard (needs the 'tb' extra)
+    wandb: bool = False  # the same scalars to Weights & Biases (needs the 'wandb' extra)
+    wandb_project: str = "cilab"
+
+
+@dataclass
 class Config:
     method: str = "icarl"  # any registered method: finetune | joint | lwf | icarl | er | wa | ewc | ...
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own settings (its Args dataclass)
@@ -152,6 +163,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -420,6 +432,36 @@ def task_train_config(train_cfg: TrainConfig, t: int) -> TrainConfig:
         lr=train_cfg.lr if ft.lr is None else ft.lr,
         milestones=list(train_cfg.milestones if ft.milestones is None else ft.milestones),
     )
+def _check_image_data(cfg: Config) -> None:
+    """The image-folder keys, and whether the backbone can take the image size."""
+    from .models import check_image_size
+
+    d = cfg.data
+    _choice("data.resize", d.resize, ["center-crop", "squash"])
+    _choice("data.placement", d.placement, ["auto", "device", "host"])
+    if d.name == "imagefolder" and not d.path:
+        raise ConfigError("data.name=imagefolder needs data.path=DIR, the folder that holds train/<class>/ and val/<class>/")
+    if d.name != "imagefolder" and d.image_size != 32:
+        raise ConfigError(f"data.image_size={d.image_size} only applies to data.name=imagefolder; "
+                          f"{d.name} images are 32x32: leave data.image_size at 32")
+    _positive("data.image_size", d.image_size)
+    problem = check_image_size(cfg.model.name, d.image_size)
+    if problem:
+        raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={d.image_size}: {problem}")
+    if cfg.memory.kind == "deepinversion" and d.image_size != 32:
+        raise ConfigError(f"memory.kind=deepinversion synthesises 32x32 images, but data.image_size={d.image_size}; "
+                          "use data.image_size=32 or another memory.kind")
+    if cfg.log.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb=true needs the wandb package: pip install 'cilab[wandb]' (or set log.wandb=false)")
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install 'cilab[tb]' "
+                              "(or set log.tensorboard=false)")
 
 
 def validate(cfg: Config) -> None:
@@ -439,6 +481,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=/path/to/file.npz (arrays x_train, y_train, x_test, y_test)")
     _choice("model.name", cfg.model.name, MODELS)
+    _check_image_data(cfg)
     _positive("scenario.num_tasks", cfg.scenario.num_tasks)
     if cfg.scenario.first_task_classes is not None:
         _positive("scenario.first_task_classes", cfg.scenario.first_task_classes)

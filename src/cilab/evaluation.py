@@ -28,7 +28,9 @@ def extract_features(model, x: torch.Tensor, normalizer, batch_size: int = 1024,
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = normalizer(x[i: i + batch_size]).contiguous(memory_format=memory_format)
+        # .to: images kept in host memory (data.placement=host) go to the model's device batch by batch
+        xb = normalizer(x[i: i + batch_size].to(normalizer.scale.device, non_blocking=True)).contiguous(
+            memory_format=memory_format)
         with autocast or contextlib.nullcontext():
             out.append(model.features(xb).float())
     model.train(was_training)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import pickle
 import signal
@@ -36,12 +37,13 @@ from . import results, runfolder
 from .classifiers import FitData, build_classifier
 from .config import Config, ConfigError, task_train_config
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
-from .data.loader import Normalizer
+from .data.loader import Normalizer, data_placement, place
 from .evaluation import accuracy, confusion_matrix, extract_features, summarize, task_accuracies
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
 from .results import RunFolderError  # noqa: F401 - the CLI's user errors name it here
+from .tracking import Trackers
 from .trainer import autocast_for, train_task
 
 
@@ -208,11 +210,12 @@ class Protocol:
         # Whole splits on the device, labels remapped so output i = i-th class of the order.
         mean, std = data.mean_std()
         self.normalizer = Normalizer(mean, std).to(device)
-        self.x_train, self.x_test = data.x_train.to(device), data.x_test.to(device)
+        where = data_placement(data.x_train.nbytes + data.x_test.nbytes, device, cfg.data.placement)
+        self.x_train, self.x_test = place(data.x_train, device, where), place(data.x_test, device, where)
         self.y_train, self.y_test = scenario.remap(data.y_train).to(device), scenario.remap(data.y_test).to(device)
 
         torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = self.method.build_model(cfg.model, scenario.num_classes).to(
+        self.model = self.new_model().to(
             device, memory_format=runtime.memory_format)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection
@@ -290,6 +293,8 @@ class Protocol:
     def run(self, resume: bool) -> dict:
         self._saved_metrics: dict | None = None  # metrics as of the last checkpoint
         start = self._restore() if resume else 0
+        self.tracker = Trackers(self.cfg.log)
+        self.tracker.start(self.out, self.cfg)
         try:
             with _InterruptWatch() as ctrl_c:
                 for t in range(start, self.scenario.num_tasks):
@@ -306,6 +311,8 @@ class Protocol:
             if self._saved_metrics is not None:
                 results.atomic_write_json(self.out / results.METRICS, {**self._saved_metrics, "status": status})
             raise
+        finally:
+            self.tracker.close()
         self.metrics["status"] = "complete"
         results.atomic_write_json(self.out / results.METRICS, self.metrics)
         try:
@@ -332,10 +339,10 @@ class Protocol:
     def class_data(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training images (uint8, on the device) and labels of outputs [lo, hi)."""
         mask = (self.y_train >= lo) & (self.y_train < hi)
-        return self.x_train[mask], self.y_train[mask]
+        return self.x_train[mask.to(self.x_train.device)], self.y_train[mask]  # x may be in host memory
 
     def new_model(self) -> torch.nn.Module:
-        return self.method.build_model(self.cfg.model, self.scenario.num_classes)
+        return self.method.build_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
 
     def train_on(self, ctx: TaskContext, x: torch.Tensor, y: torch.Tensor, *, loss=None, parameters=None,
                  train_cfg=None, old_model=_TASK_OLD_MODEL, desc: str | None = None) -> int:
@@ -355,9 +362,12 @@ class Protocol:
         x, y, keeper = self._validation(x, y, train_cfg, ctx.n_seen)
         loader = BatchLoader(x, y, train_cfg.batch_size, self.normalizer, train_cfg.augment, self.generator,
                              self.rt.channels_last)
+        steps_before = self.metrics.setdefault("train_steps", 0)  # the loss's x axis runs on over tasks and stages
         images = train_task(self.train_model, loader, train_cfg, loss_fn, old_model, ctx.t, self.device, self.rt.amp,
                             self.progress, self.position, graphs=graphs, params=params, after_step=after_step,
-                            epoch_end=keeper, desc=desc)
+                            epoch_end=keeper, desc=desc,
+                            on_log=lambda step, loss: self.tracker.log_step(steps_before + step, loss))
+        self.metrics["train_steps"] = steps_before + train_cfg.epochs * len(loader)
         if keeper is not None:
             keeper.restore()
         return images
@@ -418,6 +428,7 @@ class Protocol:
             m = self.metrics[c]
             m.update(summarize(m["accuracy"], m["accuracy_matrix"]))
         self._save(t)
+        self.tracker.log_task(t, self.metrics)
         accs = "  ".join(f"{c} {self.metrics[c]['accuracy'][-1]:5.1f}%" for c in cfg.eval.classifiers)
         if self.progress:
             self.log(f"[{self.out.name}] task {t + 1}/{sc.num_tasks} ({n_seen} classes): {accs}  ({t3 - t0:.1f}s)")
@@ -432,7 +443,8 @@ class Protocol:
     def update_memory(self, t: int, n_seen: int) -> None:
         m = self.memory.per_class_quota(n_seen)
         self.memory.reduce(m)
-        new = {c: self.x_train[self.y_train == c] for c in self.scenario.task_outputs(t)}
+        new = {c: self.x_train[(self.y_train == c).to(self.x_train.device)].to(self.device)
+               for c in self.scenario.task_outputs(t)}
         ctx = BuildContext(
             cfg=self.cfg.memory, model=self.model.eval(),
             features=lambda x: torch.nn.functional.normalize(self.features(x), dim=1),
@@ -447,7 +459,7 @@ class Protocol:
     def evaluate(self, t: int, n_seen: int) -> None:
         mask = self.y_test < n_seen
         y = self.y_test[mask]
-        feats = self.features(self.x_test[mask])  # once per task, shared by every classifier
+        feats = self.features(self.x_test[mask.to(self.x_test.device)])  # once per task, shared by every classifier
         if len(self.memory):
             mx, my = self.memory.data(self.device)
             mem_feats = self.features(mx)

@@ -429,7 +429,7 @@ class RunState:
         state = results.load_checkpoint(path)
         if state.get("class_order") not in (None, self.scenario.class_order):
             raise ReportError(f"{path}: its class order differs from the one rebuilt from config.yaml")
-        model = create_model(self.cfg.model, self.scenario.num_classes)
+        model = create_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
         model.load_state_dict(state["model"])
         model.to(self.device).eval()
         per_class = {int(c): x for c, x in state["memory"]["per_class"].items()}

@@ -24,6 +24,7 @@ This module must not import experiment.py (it is imported by it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
 import json
@@ -387,7 +388,7 @@ def _check_same_config(out: Path, cfg) -> None:
         old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
         raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
-    if old != cfg:
+    if dataclasses.replace(old, log=cfg.log) != cfg:  # tracking may be switched on for the rest of a run
         raise RunFolderError(f"cannot resume {out}: its config differs ({config_diff(old.to_dict(), cfg.to_dict())}); "
                              "rerun with the same preset and overrides")
 

@@ -73,7 +73,7 @@ def train_task(model: torch.nn.Module, loader, cfg, loss: "Criterion | LossFn", 
                task: int, device: torch.device, amp: str = "off", progress: bool = True, position: int = 0,
                graphs: str = "off", capture: "GraphBackend | None" = None, params=None,
                after_step: Callable[[], None] | None = None, epoch_end: Callable[[int], None] | None = None,
-               desc: str | None = None) -> int:
+               desc: str | None = None, on_log: Callable[[int, float], None] | None = None) -> int:
     """Train ``model`` in place on ``loader`` for ``cfg.epochs`` (``cfg`` is the ``train`` section).
 
     ``loss`` is a ``Criterion`` (logits only) or a ``LossFn`` of the step's
@@ -88,7 +88,8 @@ def train_task(model: torch.nn.Module, loader, cfg, loss: "Criterion | LossFn", 
 
     The running loss stays on the device; it is read (one host sync) only
     ``cfg.log_every`` times per epoch for the progress bar and the finiteness
-    check. Returns the number of images trained on.
+    check. ``on_log(step, loss)`` (tracking) gets each value read, ``step``
+    counting the task's optimiser steps from 1. Returns the number of images trained on.
     """
     step, opt, sched = build_step(model, cfg, loss, old_model, device, amp, graphs, capture, params)
     n_batches = len(loader)
@@ -112,6 +113,8 @@ def train_task(model: torch.nn.Module, loader, cfg, loss: "Criterion | LossFn", 
                     value = (loss_sum / seen).item()  # the only host sync: a few per epoch
                     if not math.isfinite(value):
                         raise NonFiniteLossError(task, epoch, opt.param_groups[0]["lr"], value)
+                    if on_log is not None:
+                        on_log(epoch * n_batches + i, value)
                     bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{value:.4f}", refresh=False)
                     bar.update(i - last_read)
                     last_read = i

@@ -1,4 +1,5 @@
 from .datasets import DATASETS, Dataset, DatasetError, load_dataset
+from . import imagefolder as _imagefolder  # noqa: F401,E402  (registers data.name=imagefolder)
 from .loader import BatchLoader, augment_batch
 from .scenario import Scenario
 

@@ -1,4 +1,4 @@
-"""Datasets as whole uint8 tensors N x 3 x 32 x 32 (plus int64 labels).
+"""Datasets as whole uint8 tensors N x 3 x S x S (plus int64 labels); S = 32 except for image folders.
 
 Every dataset is loaded once, in full, and later moved to the training device;
 batches are cut from it there (see loader.py), so there is no per-image Python.
@@ -26,7 +26,7 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class Dataset:
-    x_train: torch.Tensor  # uint8 N x 3 x 32 x 32
+    x_train: torch.Tensor  # uint8 N x 3 x S x S (S = 32, or data.image_size for image folders)
     y_train: torch.Tensor  # int64 N, labels 0..C-1
     x_test: torch.Tensor
     y_test: torch.Tensor
@@ -44,21 +44,44 @@ class Dataset:
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std in [0, 1] units, from the training split only."""
+        if self.x_train.numel() > MEAN_STD_CHUNK:
+            return _chunked_mean_std(self.x_train)
         x = self.x_train.float().div_(255)
         return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+
+# Above this many uint8 values (CIFAR's 150M stay below it) the statistics are
+# summed in chunks: a float copy of ImageNet-100 at 224 px would take 76 GB.
+MEAN_STD_CHUNK = 1 << 28
+
+
+def _chunked_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) std per channel from float64 sums of x and x^2 over chunks of images."""
+    per_image = x[0].numel() if len(x) else 1
+    step = max(1, MEAN_STD_CHUNK // (4 * per_image))
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), step):
+        chunk = x[i: i + step].to(torch.float64).div_(255)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    n = x.numel() // x.shape[1]
+    mean = total / n
+    var = (squares - n * mean.square()) / max(n - 1, 1)
+    return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-3)
 
 
 def load_dataset(cfg) -> Dataset:
     """``cfg`` is the ``data`` section of the config."""
     ds = DATASETS[cfg.name](cfg)
-    check_arrays(ds.x_train, ds.y_train, ds.x_test, ds.y_test, cfg.name)
+    check_arrays(ds.x_train, ds.y_train, ds.x_test, ds.y_test, cfg.name, getattr(cfg, "image_size", 32))
     return ds
 
 
-def check_arrays(x_train, y_train, x_test, y_test, source: str) -> None:
+def check_arrays(x_train, y_train, x_test, y_test, source: str, size: int = 32) -> None:
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
-            raise DatasetError(f"{source}: x_{split} became {tuple(x.shape)} {x.dtype}, expected N x 3 x 32 x 32 uint8")
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise DatasetError(f"{source}: x_{split} became {tuple(x.shape)} {x.dtype}, expected N x 3 x {size} x {size} uint8")
         if y.shape != (x.shape[0],):
             raise DatasetError(f"{source}: y_{split} has {tuple(y.shape)} labels for {x.shape[0]} images")
         # An empty test split would "evaluate" to 0% after every task and an
@@ -125,32 +148,7 @@ def load_cifar100(cfg) -> Dataset:
     """CIFAR-100 through torchvision (its on-disk format and integrity check)."""
     from torchvision.datasets import CIFAR100
 
-    root = Path(os.path.expanduser(cfg.root))
-    folder = root / CIFAR100.base_folder
-    if not cfg.download and not folder.exists():
-        raise DatasetError(
-            f"CIFAR-100 not found in {folder}. Either allow the download (data.download=true, needs internet), "
-            f"or put the extracted 'cifar-100-python' folder (files train, test, meta from "
-            f"{CIFAR100.url}) into {root}, or point data.root at the folder that holds it."
-        )
-    try:
-        train = CIFAR100(str(root), train=True, download=cfg.download)
-        test = CIFAR100(str(root), train=False, download=False)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
-        raise DatasetError(
-            f"CIFAR-100 in {folder} is missing or corrupted ({e}). Delete {folder} and download again "
-            f"(data.download=true), or replace it with an intact copy of {CIFAR100.filename}."
-        ) from e
-    except (OSError, pickle.UnpicklingError) as e:  # network down, unreadable file
-        raise DatasetError(
-            f"could not get CIFAR-100 into {root}: {e}. Without internet, put the extracted "
-            f"'cifar-100-python' folder into {root} and set data.download=false."
-        ) from e
-    return Dataset(
-        torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(train.targets),
-        torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(test.targets),
-        list(train.classes),
-    )
+    return _torchvision_cifar(CIFAR100, "CIFAR-100", cfg)
 
 
 def _refuse_object_array(arrays, key: str, path: Path) -> None:
@@ -180,6 +178,47 @@ def _refuse_object_array(arrays, key: str, path: Path) -> None:
         raise DatasetError(f"'{path}': {key} is an array of Python objects ({dtype}), which only unpickling could "
                            "read, and cilab never unpickles data files; save it as a numeric array, e.g. "
                            "np.asarray(x, dtype=np.uint8) for images, np.int64 for labels")
+@DATASETS.register("cifar10")
+def load_cifar10(cfg) -> Dataset:
+    """CIFAR-10 through torchvision, like CIFAR-100 (same checks and messages).
+
+    Its files, like CIFAR-100's, are Python pickles in the dataset's own
+    format, read by torchvision only after its md5 check against the
+    published files: the one place cilab reads a pickle, and only the
+    dataset's own.
+    """
+    from torchvision.datasets import CIFAR10
+
+    return _torchvision_cifar(CIFAR10, "CIFAR-10", cfg)
+
+
+def _torchvision_cifar(tv_class, title: str, cfg) -> Dataset:
+    root = Path(os.path.expanduser(cfg.root))
+    folder = root / tv_class.base_folder
+    if not cfg.download and not folder.exists():
+        raise DatasetError(
+            f"{title} not found in {folder}. Either allow the download (data.download=true, needs internet), "
+            f"or put the extracted '{tv_class.base_folder}' folder (from {tv_class.url}) into {root}, "
+            "or point data.root at the folder that holds it."
+        )
+    try:
+        train = tv_class(str(root), train=True, download=cfg.download)
+        test = tv_class(str(root), train=False, download=False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+        raise DatasetError(
+            f"{title} in {folder} is missing or corrupted ({e}). Delete {folder} and download again "
+            f"(data.download=true), or replace it with an intact copy of {tv_class.filename}."
+        ) from e
+    except (OSError, pickle.UnpicklingError) as e:  # network down, unreadable file
+        raise DatasetError(
+            f"could not get {title} into {root}: {e}. Without internet, put the extracted "
+            f"'{tv_class.base_folder}' folder into {root} and set data.download=false."
+        ) from e
+    return Dataset(
+        torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(train.targets),
+        torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(test.targets),
+        list(train.classes),
+    )
 
 
 @DATASETS.register("npz")

@@ -53,25 +53,83 @@ class Normalizer:
 
 
 class BatchLoader:
-    """Iterates seeded, shuffled, augmented, normalised batches of (x, y)."""
+    """Iterates seeded, shuffled, augmented, normalised batches of (x, y).
+
+    The labels ``y`` live on the training device. The images ``x`` normally do
+    too; when they are kept in host memory instead (``data.placement``, a
+    dataset too large for the GPU), each batch is gathered on the host into
+    one of two pinned staging buffers and copied to the device asynchronously,
+    so the host gathers batch k+1 while batch k is copied and trained on.
+    The shuffle and the augmentation draw from the same generator on the same
+    device either way, so both placements train on the same batches.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, normalizer: Normalizer,
-                 augment: bool, generator: torch.Generator, channels_last: bool = False):
+                 augment: bool, generator: torch.Generator, channels_last: bool = False, stage: bool | None = None):
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.normalizer = normalizer
         self.augment = augment
         self.generator = generator
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.stage = x.device != y.device if stage is None else stage  # stage=True: tests on one device
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self):
-        perm = torch.randperm(len(self.y), device=self.x.device, generator=self.generator)
+        perm = torch.randperm(len(self.y), device=self.y.device, generator=self.generator)
+        batches = _staged_batches(self.x, perm, self.batch_size, self.y.device) if self.stage else None
         for i in range(0, len(perm), self.batch_size):
             idx = perm[i: i + self.batch_size]
-            xb = self.x[idx]
+            xb = next(batches) if batches is not None else self.x[idx]
             if self.augment:
                 xb = augment_batch(xb, self.generator)
             yield self.normalizer(xb).contiguous(memory_format=self.memory_format), self.y[idx]
+
+
+def _staged_batches(x: torch.Tensor, perm: torch.Tensor, batch_size: int, device: torch.device):
+    """Batches ``x[perm[i:i+batch_size]]`` of host images, on ``device``, through two pinned buffers."""
+    order = perm.cpu()  # one host sync per epoch, not per batch
+    pin = device.type == "cuda"
+    buffers = [torch.empty((min(batch_size, len(x)), *x.shape[1:]), dtype=x.dtype, pin_memory=pin) for _ in range(2)]
+    copied = [None, None]  # per buffer: the event after its last copy to the device
+    for k, i in enumerate(range(0, len(order), batch_size)):
+        idx = order[i: i + batch_size]
+        buf = buffers[k % 2][: len(idx)]
+        if copied[k % 2] is not None:
+            copied[k % 2].synchronize()  # its copy of batch k-2 must be done before it is refilled
+        torch.index_select(x, 0, idx, out=buf)
+        out = buf.to(device, non_blocking=pin)
+        if pin:
+            copied[k % 2] = torch.cuda.Event()
+            copied[k % 2].record()
+        else:
+            out = out.clone()  # same device: .to returned the buffer itself, which batch k+2 overwrites
+        yield out
+
+
+def data_placement(nbytes: int, device: torch.device, placement: str) -> str:
+    """``data.placement`` resolved: "device" or "host" for a dataset of ``nbytes`` bytes.
+
+    auto: on the GPU when the images take at most DEVICE_DATA_FRACTION of its
+    free memory (the rest is left to the model, its activations and the
+    exemplars), in pinned host memory otherwise. Without a GPU both are the
+    same memory.
+    """
+    if placement != "auto":
+        return placement
+    if device.type != "cuda":
+        return "device"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes <= DEVICE_DATA_FRACTION * free else "host"
+
+
+DEVICE_DATA_FRACTION = 0.5
+
+
+def place(x: torch.Tensor, device: torch.device, where: str) -> torch.Tensor:
+    """``x`` on the device, or in host memory (pinned where a GPU will copy from it)."""
+    if where == "device":
+        return x.to(device)
+    return x.pin_memory() if device.type == "cuda" else x

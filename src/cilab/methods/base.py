@@ -135,10 +135,10 @@ class Method:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def build_model(self, model_cfg, num_classes: int) -> torch.nn.Module:
+    def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> torch.nn.Module:
         from ..models import create_model
 
-        return create_model(model_cfg, num_classes)
+        return create_model(model_cfg, num_classes, image_size)
 
     def before_task(self, ctx: TaskContext) -> None:
         """Change the network before task t trains (grow it, re-initialise it, imprint weights)."""
@@ -148,7 +148,7 @@ class Method:
         x, y = ctx.data(ctx.n_old, ctx.n_seen)
         if len(ctx.memory):
             mx, my = ctx.memory.data(ctx.device)
-            x, y = torch.cat([x, mx]), torch.cat([y, my])
+            x, y = torch.cat([x, mx.to(x.device)]), torch.cat([y, my])  # x may be in host memory
         return x, y
 
     def uses_old_model(self, ctx: TaskContext) -> bool:

@@ -10,6 +10,9 @@ layer ... made of 100 outputs from the beginning".
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,6 +36,23 @@ class Outputs(NamedTuple):
     features: torch.Tensor
 
 
+class Backbone(nn.Module):
+    """What every cilab network is: ``features(x)`` (N x feature_dim), ``head`` (a module), and
+    ``forward(x, with_features=False)``: logits, or ``Outputs(logits, features)`` for the
+    training step, whose losses may read the features. Subclass it and define ``features``
+    and ``head``."""
+
+    feature_dim: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        f = self.features(x)
+        z = self.head(f)
+        return Outputs(z, f) if with_features else z
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -53,7 +73,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(Backbone):
     def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -76,22 +96,69 @@ class ResNetCifar(nn.Module):
         x = self.layers(x)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        f = self.features(x)
-        z = self.head(f)
-        return Outputs(z, f) if with_features else z
-
 
 @MODELS.register("resnet32")
-def resnet32(num_classes: int) -> ResNetCifar:
+def resnet32(num_classes: int, image_size: int = 32) -> ResNetCifar:
     return ResNetCifar(5, num_classes)
 
 
 @MODELS.register("resnet20")
-def resnet20(num_classes: int) -> ResNetCifar:
+def resnet20(num_classes: int, image_size: int = 32) -> ResNetCifar:
     return ResNetCifar(3, num_classes)
 
 
-def create_model(cfg, num_classes: int) -> nn.Module:
-    """``cfg`` is the ``model`` section."""
-    return MODELS[cfg.name](num_classes)
+# Two stride-2 stages: below 4x4 the last stage would see padding only.
+resnet32.min_image_size = resnet20.min_image_size = 4
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    """``MODELS[name]`` called as ``(num_classes, image_size=...)``, or ``(num_classes)`` where the
+    factory takes no ``image_size`` (a user's backbone made for one size)."""
+    factory = MODELS[name]
+    if "image_size" in inspect.signature(factory).parameters:
+        return factory(num_classes, image_size=image_size)
+    return factory(num_classes)
+
+
+def create_model(cfg, num_classes: int, image_size: int = 32) -> nn.Module:
+    """``cfg`` is the ``model`` section; ``image_size`` the side of the (square) input images."""
+    return build_model(cfg.name, num_classes, image_size)
+
+
+def check_image_size(name: str, image_size: int) -> str | None:
+    """Why model ``name`` cannot take ``image_size`` x ``image_size`` images, or None if it can.
+
+    Before any data is loaded. A factory that declares ``min_image_size``
+    (cilab's ResNets: their total downsampling) takes every size from there
+    on. Any other (a user's backbone) is tried in a forward pass on the meta
+    device (shapes only, no memory, no arithmetic), which catches a backbone
+    that fails at this size (say a flatten into a layer sized for 32x32) and
+    one whose ``features`` / ``head`` do not give the N x d / N x classes
+    that every classifier expects.
+    """
+    factory = MODELS[name]
+    least = getattr(factory, "min_image_size", None)
+    if least is not None:
+        # cilab's own backbones declare their limit (and take any size above it);
+        # they skip the meta pass, whose first use costs seconds of imports per process
+        if image_size < least:
+            return f"it needs images of at least {least}x{least} (it downsamples by {least}); raise data.image_size"
+        return None
+    return _meta_forward_problem(factory, name, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_forward_problem(factory, name: str, image_size: int) -> str | None:
+    # Cached by factory: every build_config validates, and a meta forward pass
+    # of a ResNet still costs a tenth of a second of Python.
+    try:
+        with torch.device("meta"):
+            model = build_model(name, 3, image_size)
+            feats = model.features(torch.empty(2, 3, image_size, image_size))
+            logits = model.head(feats)
+    except Exception as e:  # any failure of a user's backbone is reported, not raised from deep inside
+        return f"a forward pass on {image_size}x{image_size} images fails ({type(e).__name__}: {e})"
+    if feats.dim() != 2 or feats.shape[0] != 2 or tuple(logits.shape) != (2, 3):
+        return (f"features() gave {tuple(feats.shape)} and head {tuple(logits.shape)} for 2 images and 3 classes; "
+                "cilab needs features(x) -> N x d and head(features) -> N x classes")
+    return None
