@@ -313,7 +313,9 @@ def test_fifty_iterations_lower_every_loss_and_the_total(digits_teacher):
 
 def test_competition_gradient_does_not_exceed_the_cross_entropys_at_the_start(digits_teacher):
     """From the noise start of all ten classes, with the preset's alpha_c = 10, the competition
-    term's pull on the images is smaller than the cross-entropy's: it may diversify, not overrule."""
+    term's pull on the images is smaller than the cross-entropy's: it may diversify, not overrule.
+    (A guard: on this small teacher the old eval-mode student passed it too; what broke item 1 is
+    pinned by the student test, on the ResNet-32 the study uses.)"""
     net, norm, _ = digits_teacher
     cfg = build_config("icarl-di-noise").memory.deepinversion
     y = torch.arange(10).repeat(8)
