@@ -8,36 +8,53 @@ themselves are the parameters; the network is not trained. Eq. 3 and 8:
     min_x  L(x, y) + R(x),
     R(x) = alpha_tv R_TV(x) + alpha_l2 R_l2(x) + alpha_f R_feature(x) + alpha_c R_A(x)
 
-- ``L``: the teacher's cross-entropy towards the target class y;
-- ``R_TV``, ``R_l2``: the Deep Dreaming image prior (eq. 4), see
-  :func:`total_variation` and :func:`l2`;
+computed, at every Adam step, on a chunk of B images shifted by a random jitter
+(see below):
+
+- ``L``: the teacher's cross-entropy towards the target class y, mean over the chunk;
+- ``R_TV`` (:func:`total_variation`) and ``R_l2`` (:func:`l2`): the image prior
+  of Deep Dreaming (eq. 4), in the form of Yin et al.'s code: L2 norms taken
+  over the whole chunk;
 - ``R_feature`` (eq. 5-6): at every BatchNorm layer, the distance between the
-  statistics of the synthesised batch at the layer's input and the running
-  statistics the layer stored while training, see :class:`BNStatsHook`;
+  statistics of the chunk at the layer's input and the running statistics the
+  layer stored while training, see :class:`BNStatsHook`;
 - ``R_A`` (eq. 9-10, Adaptive DeepInversion, only with ``adaptive: true``):
-  1 - JS(p_teacher, p_student), which rewards images on which the teacher and
-  a freshly initialised student disagree ("when creating the images, the
-  student allows the algorithm to try to enhance a teacher/student
-  disagreement, that implies diversity"), see :func:`js_divergence`.
-  The student is frozen (the study uses it only for this term, not for
-  distillation), so its preferences do not move: for a class the random
-  student already favours, alpha_c (1 - JS) pulls the teacher away from that
-  class, against the cross-entropy (ten times its weight with the study's
-  alpha_c = 10). Expect fewer of those images to keep their class.
+  one minus the teacher/student divergence, see :func:`competition`.
+
+Each step first rolls the whole chunk by the same random offset of up to
+``jitter`` = 2 pixels in y and x (``torch.roll``, as Yin et al. do, offsets from
+the run's generator), so the images cannot fit the networks pixel-exactly.
+
+The student (Adaptive DI). The study: "we first train our standard network ...
+and then use a copy of it as a teacher, and another ResNet32 (randomly
+initialized) as a student"; it is not distilled ("we will not exploit this
+functionality"), only used for the competition term. So the student here is a
+fresh network of the teacher's architecture (:func:`make_student`, drawn from
+the run's generator), not the model that goes on to the next task. It runs in
+TRAINING mode, as in the study: its BatchNorm layers normalise with the
+chunk's own statistics. (A fresh network in eval mode normalises with running
+statistics 0 / 1 that do not match its activations; a ResNet-32 then predicts
+one class for every image with near certainty, and the competition term pulls
+every image of that class away from it, against the cross-entropy.) Its
+parameters get no gradient; the gradient flows through its output to the
+images, as in Yin et al.
 
 Images start from Gaussian noise, from m random training images of the class,
 or from its m herding exemplars (``memory.deepinversion.init``; the study's
 three settings, section 5.2.1), are optimised with Adam in the normalised input
-space, and are stored as uint8 images like real exemplars, so cutting, the NME
-classifier and image grids work unchanged.
+space, clipped after every step to the normalised image of [0, 255] (a cilab
+addition: what is optimised is what survives the conversion to uint8), and are
+stored as uint8 images like real exemplars, so cutting, the NME classifier and
+image grids work unchanged.
 
-Every new class of the task is synthesised in one batched run on the device,
-in chunks that fit its memory, the classes interleaved so each chunk holds
-all of them equally (the study: "We had to split the synthetization phase in
-3 chunks, with the classes are equally distributed among them, to not incur
-in CUDA memory errors"). Since R_feature compares *batch* statistics with the
-running statistics of the whole (mixed-class) training data, a batch mixing
-the classes is also what eq. 5 assumes.
+Chunks. All new classes of a task are synthesised in chunks of at most
+``batch_size`` images (default 667), the classes interleaved so each chunk
+holds all of them equally (the study: "We had to split the synthetization
+phase in 3 chunks, with the classes are equally distributed among them";
+with K = 2000 that is 2000, 1000 and 660 images in 3, 2 and 1 chunks at tasks
+1-3, which chunks of <= 667 reproduce). The chunk size is fixed, never sized to
+the free device memory: R_feature and R_TV are chunk statistics, so the chunks
+change the images, and the same seed must give the same images on any device.
 """
 
 from __future__ import annotations
@@ -53,60 +70,75 @@ from tqdm.auto import tqdm
 
 from .selection import EXEMPLAR_BUILDERS, SELECTIONS, BuildContext
 
-CPU_CHUNK = 256  # images optimised at once on the CPU (memory is not the limit there, time is)
-CUDA_MEMORY_FRACTION = 0.5  # of the free device memory one chunk may take
-PROBE_IMAGES = 16  # images of the probe pass that measures the memory one image needs
 PROGRESS_READS = 4  # loss reads (host syncs) per chunk for the progress bar
+# Yin et al.'s competition term: the temperature of the softmaxes, and the range the
+# probabilities are clamped to (it bounds log P and log Q, so the divergence is finite).
+COMPETITION_TEMPERATURE = 3.0
+PROB_CLAMP = (0.01, 0.99)
 
 
 # ---------------------------------------------------------------------------
-# loss terms: small pure functions, tested against direct computations
+# loss terms: small pure functions, tested against hand-worked values
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation R_TV, averaged over the images of the batch.
+    """Total variation R_TV of a batch as Yin et al. compute it (their ``loss_var_l2``).
 
-        R_TV(x) = 1/B sum_b sum_{c,i,j} ( |x[b,c,i+1,j] - x[b,c,i,j]| + |x[b,c,i,j+1] - x[b,c,i,j]| )
+        R_TV(x) = ||D_right x||_2 + ||D_down x||_2 + ||D_diag x||_2 + ||D_anti x||_2
 
-    i.e. the L1 norm of the differences between vertically and horizontally
-    adjacent pixels of each channel: it penalises the high-frequency noise that
-    plain inversion produces (Deep Dreaming prior, the study's eq. 4).
+    where each D is the map of differences between every pixel and one
+    neighbour, over all images and channels of the batch at once:
+    ``x[..., :, :-1] - x[..., :, 1:]`` (right), ``x[..., :-1, :] - x[..., 1:, :]``
+    (down), ``x[..., :-1, :-1] - x[..., 1:, 1:]`` (diagonal) and
+    ``x[..., 1:, :-1] - x[..., :-1, 1:]`` (anti-diagonal), and ||.||_2 the
+    Euclidean norm of the whole map (not squared, not averaged over images: the
+    term grows like sqrt(B), as in the study's generator).
     """
-    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().sum()
-    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().sum()
-    return (dh + dw) / x.shape[0]
+    right = x[:, :, :, :-1] - x[:, :, :, 1:]
+    down = x[:, :, :-1, :] - x[:, :, 1:, :]
+    diag = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    anti = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    return sum(torch.linalg.vector_norm(d) for d in (right, down, diag, anti))
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of the images R_l2, averaged over the batch.
+    """R_l2: the Euclidean norm of the whole batch, ||x||_2 = sqrt(sum_{b,c,i,j} x[b,c,i,j]^2).
 
-        R_l2(x) = 1/B sum_b ||x_b||_2^2 = 1/B sum_{b,c,i,j} x[b,c,i,j]^2
-
-    (in normalised input space, so it pulls pixels towards the data mean).
+    As in Yin et al.'s CIFAR code (``torch.norm(inputs_jit, 2)``); in normalised
+    input space, so it pulls pixels towards the data mean.
     """
-    return x.pow(2).sum() / x.shape[0]
+    return torch.linalg.vector_norm(x)
 
 
-def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence between softmax(logits_p) and softmax(logits_q), per row.
+def competition(logits_t: torch.Tensor, logits_s: torch.Tensor,
+                temperature: float = COMPETITION_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive DeepInversion's competition term R_A and the divergence it is made of.
 
-        JS(p, q) = 1/2 KL(p || M) + 1/2 KL(q || M),   M = (p + q) / 2,
-        KL(p || M) = sum_k p_k (ln p_k - ln M_k)
+    As in Yin et al.'s code, which the study's generator follows, with
+    P = softmax(z_S / T), Q = softmax(z_T / T), T = 3, M = (P + Q) / 2 (from the
+    unclamped P, Q), then P, Q and M each clamped to [0.01, 0.99]:
 
-    (the study's eq. 10) with the natural log, so 0 <= JS <= ln 2: 0 for equal
-    distributions, ln 2 for distributions with disjoint support. Symmetric.
-    Computed from log-probabilities (log-softmax, log M by logsumexp) so it is
-    stable for confident predictions; terms with p_k = 0 count 0 (0 ln 0 = 0).
-    Log-probabilities may be passed as logits (log-softmax leaves them unchanged).
-    Returns a tensor of shape ``logits_p.shape[:-1]``.
+        JS  = 1/B sum_b [ 1/2 KL(M_b || P_b) + 1/2 KL(M_b || Q_b) ],
+              KL(M || P) = sum_k M_k (ln M_k - ln P_k)
+        R_A = 1 - clamp(JS, 0, 1)
+
+    (the KL terms are ``KLDivLoss(log P, M)`` with batch-mean reduction, so the
+    divergence is measured from M, and the clamp is on the chunk's mean).
+    The study's eq. 10 writes KL(p_T, M); both directions are 0 for equal
+    distributions and grow as they part. R_A is 1 where teacher and student
+    agree and falls as they disagree, so minimising it seeks images on which
+    they disagree (the study: "enhance a teacher/student disagreement, that
+    implies diversity"). Returns ``(R_A, JS)``.
     """
-    logp = F.log_softmax(logits_p.float(), dim=-1)
-    logq = F.log_softmax(logits_q.float(), dim=-1)
-    logm = torch.logsumexp(torch.stack([logp, logq]), dim=0) - math.log(2.0)
-    p, q = logp.exp(), logq.exp()
-    kl_pm = torch.where(p > 0, p * (logp - logm), torch.zeros_like(p)).sum(-1)
-    kl_qm = torch.where(q > 0, q * (logq - logm), torch.zeros_like(q)).sum(-1)
-    return 0.5 * (kl_pm + kl_qm)
+    lo, hi = PROB_CLAMP
+    p = F.softmax(logits_s.float() / temperature, dim=1)
+    q = F.softmax(logits_t.float() / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp(lo, hi)
+    p, q = p.clamp(lo, hi), q.clamp(lo, hi)
+    kl_mp = (m * (m.log() - p.log())).sum() / len(m)
+    kl_mq = (m * (m.log() - q.log())).sum() / len(m)
+    js = 0.5 * kl_mp + 0.5 * kl_mq
+    return 1.0 - js.clamp(0.0, 1.0), js
 
 
 class BNStatsHook:
@@ -197,11 +229,19 @@ def reinitialise_(net: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def make_student(teacher: nn.Module, generator: torch.Generator) -> nn.Module:
-    """A freshly initialised network of the teacher's architecture, frozen, in eval mode."""
+    """The Adaptive-DI student: a freshly initialised network of the teacher's architecture.
+
+    In training mode (BatchNorm normalises with the batch's statistics, as the
+    study's student did), parameters frozen (no gradient to it). BatchNorm
+    momentum 0 so forwards leave its running statistics (which training mode
+    never reads) untouched.
+    """
     student = copy.deepcopy(teacher)
     for mod in student.modules():  # a copy would carry the teacher's hooks
         mod._forward_hooks.clear()
-    return reinitialise_(student, generator).eval().requires_grad_(False)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.momentum = 0.0
+    return reinitialise_(student, generator).train().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------
@@ -235,14 +275,15 @@ class DeepInversion:
         self.hooks = []
 
     def terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every term of the loss for images ``x`` (normalised) and targets ``y``, and their weighted ``total``.
+        """Every term of the loss for images ``x`` (normalised, already jittered) and targets ``y``.
 
-            total = CE(teacher(x), y) + alpha_tv R_TV(x) + alpha_l2 R_l2(x)
+            total = CE(z_T, y) + alpha_tv R_TV(x) + alpha_l2 ||x||_2
                     + alpha_f sum_l (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)
-                    [+ alpha_c mean_b (1 - JS(p_T(x_b), p_S(x_b)))   when adaptive]
+                    [+ alpha_c R_A(z_T, z_S)   when adaptive]
 
-        CE and R_A are means over the batch, R_TV and R_l2 per-image sums averaged
-        over the batch (so the balance does not depend on the chunk size).
+        with z_T, z_S the teacher's and student's logits over the first ``n_out``
+        outputs, CE the mean over the chunk, R_TV, ||x||_2 and R_A over the whole
+        chunk (see :func:`total_variation`, :func:`l2`, :func:`competition`).
         """
         c = self.cfg
         z_t = self.teacher(x)[:, : self.n_out].float()
@@ -255,27 +296,33 @@ class DeepInversion:
         total = out["ce"] + c.alpha_tv * out["tv"] + c.alpha_l2 * out["l2"] + c.alpha_f * out["feature"]
         if self.student is not None:
             z_s = self.student(x)[:, : self.n_out].float()
-            out["competition"] = (1.0 - js_divergence(z_t, z_s)).mean()
+            out["competition"], out["js"] = competition(z_t, z_s)
             total = total + c.alpha_c * out["competition"]
         out["total"] = total
         return out
 
     def optimise(self, x0: torch.Tensor, y: torch.Tensor, iterations: int, lo: torch.Tensor, hi: torch.Tensor,
-                 bar=None) -> torch.Tensor:
+                 generator: torch.Generator, bar=None) -> torch.Tensor:
         """Adam on the images from ``x0`` for ``iterations`` steps; returns the optimised images (detached).
 
-        After every step the images are clipped to [lo, hi], the normalised image
-        of [0, 255] per channel (Yin et al. clip to the valid range too), so what
-        is optimised is what survives the conversion to uint8. The loss is read
-        (one host sync) only ``PROGRESS_READS`` times, for the progress bar.
+        Each step evaluates :meth:`terms` on the chunk rolled by (dy, dx), each
+        drawn uniformly from {-jitter, ..., jitter} by ``generator`` (all the
+        step's offsets in one draw per chunk, so there is no host sync per step).
+        After every step the images are clipped to [lo, hi], the normalised
+        image of [0, 255] per channel, so what is optimised is what survives the
+        conversion to uint8. The loss is read (one host sync) only
+        ``PROGRESS_READS`` times, for the progress bar.
         """
+        j = self.cfg.jitter
+        shifts = torch.randint(-j, j + 1, (iterations, 2), generator=generator, device=generator.device).tolist()
         x = x0.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.cfg.lr)
         reads = {max(1, round(iterations * (k + 1) / PROGRESS_READS)) for k in range(PROGRESS_READS)}
         last = 0
-        for it in range(1, iterations + 1):
+        for it, (dy, dx) in enumerate(shifts, start=1):
             opt.zero_grad(set_to_none=True)
-            loss = self.terms(x, y)["total"]
+            x_jit = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
+            loss = self.terms(x_jit, y)["total"]
             loss.backward()
             opt.step()
             with torch.no_grad():
@@ -302,35 +349,10 @@ def _memory_format(net: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def chunk_size(objective: DeepInversion, sample: torch.Tensor, y: torch.Tensor, total: int, cfg) -> int:
-    """Images optimised at once: ``cfg.batch_size`` if > 0, else what fits the device.
-
-    On CUDA a probe pass measures the memory the autograd graph holds per image
-    (teacher and student), and a chunk may use ``CUDA_MEMORY_FRACTION`` of the
-    free memory (``torch.cuda.mem_get_info`` plus PyTorch's unused cache),
-    rounded down to a power of two so that small changes of the free memory do
-    not change the chunks (and with them the images). On the CPU: ``CPU_CHUNK``.
-    """
-    if cfg.batch_size > 0:
-        return min(total, cfg.batch_size)
-    dev = sample.device
-    if dev.type != "cuda":
-        return min(total, CPU_CHUNK)
-    n = min(PROBE_IMAGES, len(sample))
-    before = torch.cuda.memory_allocated(dev)
-    probe = sample[:n].detach().clone().requires_grad_(True)
-    loss = objective.terms(probe, y[:n])["total"]
-    held = torch.cuda.memory_allocated(dev) - before
-    loss.backward()
-    del loss, probe
-    for h in objective.hooks:
-        h.mean = h.var = None
-    per_image = 2.5 * max(held, 1) / n  # the graph, plus the gradients the backward pass allocates
-    free, _ = torch.cuda.mem_get_info(dev)
-    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    fit = int(CUDA_MEMORY_FRACTION * free / per_image)
-    fit = 2 ** int(math.log2(fit)) if fit >= 1 else 1
-    return max(1, min(total, fit))
+def chunks(total: int, batch_size: int) -> tuple[int, int]:
+    """(number of chunks, images per chunk): the fewest chunks of <= ``batch_size``, as equal as possible."""
+    n = -(-total // batch_size)
+    return n, -(-total // n)
 
 
 def initial_images(ctx: BuildContext, labels: list[int], class_images: dict[int, torch.Tensor], m: int
@@ -392,16 +414,14 @@ def build_deepinversion(ctx: BuildContext, class_images: dict[int, torch.Tensor]
     x0 = torch.minimum(torch.maximum(x0, lo), hi)  # noise starts inside the valid range too
 
     with DeepInversion(teacher, cfg, max(labels) + 1, student) as objective:
-        size = chunk_size(objective, x0.contiguous(memory_format=fmt), y, total, cfg)
-        n_chunks = -(-total // size)
-        size = -(-total // n_chunks)  # equal chunks
+        n_chunks, size = chunks(total, cfg.batch_size)
         bar = tqdm(total=n_chunks * cfg.iterations, desc="deepinversion", unit="it", leave=False,
                    disable=None if ctx.progress else True, dynamic_ncols=True)
         try:
             out = []
             for i in range(0, total, size):
                 xc = x0[i: i + size].contiguous(memory_format=fmt)
-                out.append(objective.optimise(xc, y[i: i + size], cfg.iterations, lo, hi, bar))
+                out.append(objective.optimise(xc, y[i: i + size], cfg.iterations, lo, hi, ctx.generator, bar))
         finally:
             bar.close()
         x = torch.cat(out)
