@@ -58,6 +58,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     cuda_graphs: str = "auto"  # auto (on CUDA; falls back to eager if capture fails) | on | off
     log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
+    deterministic: bool = False  # deterministic torch/cuDNN/cuBLAS algorithms: CUDA runs repeat bit for bit (determinism.py)
 
 
 @dataclass
