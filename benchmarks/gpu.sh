@@ -27,7 +27,8 @@ export PYTHONPATH=${PYTHONPATH:-src}
 # process and every run of train.deterministic=true gets the repeatable setting.
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 SMOKE=${GPU_SH_SMOKE:-0}
-BUDGET=${GPU_SH_BUDGET:-465}
+# smoke mode checks the plumbing on a (possibly busy) CPU: no 8-minute budget there
+BUDGET=${GPU_SH_BUDGET:-$([[ $SMOKE == 1 ]] && echo 1800 || echo 465)}
 START=$(date +%s)
 STEPS="$OUT/steps.jsonl"
 : > "$STEPS"
@@ -85,7 +86,7 @@ if [[ $SMOKE == 1 ]]; then
     CONC=(--jobs 1,2 --images 32 --epochs 1 --warmup-epochs 0 --threads 1 train.batch_size=32)
     THRU=(--rounds 1 --images 64 --exemplars 0 --epochs 1 --workers 0 train.batch_size=32)
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
-    T_TESTS=120 T_CONC=120 T_THRU=60 T_PROT=60
+    T_TESTS=400 T_CONC=400 T_PROT=400 T_THRU=400
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
            "tests/test_reliability.py::test_sigkill_during_task_3_then_resume_equals_the_uninterrupted_run"

@@ -186,6 +186,11 @@ def throughput(args) -> dict:
     """Rounds of a, b, c in turn; medians. Interleaving keeps drifting load
     (another process, thermal state) from favouring whichever ran first."""
     setup = Setup(args.overrides)
+    with setup.rt.applied():  # train.deterministic, as a run would train
+        return _throughput(args, setup)
+
+
+def _throughput(args, setup: Setup) -> dict:
     cfg, device = setup.cfg, setup.device
     a = BareStep(setup)
     b = CilabTrainer(setup, args.images, args.exemplars)
@@ -205,7 +210,7 @@ def throughput(args) -> dict:
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
         "benchmark": "throughput", **_device_info(device), "amp": setup.rt.amp, "channels_last": setup.rt.channels_last,
-        "cuda_graphs": setup.rt.graphs, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "cuda_graphs": setup.rt.graphs, "deterministic": setup.rt.deterministic, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
@@ -247,7 +252,7 @@ def protocol(args) -> dict:
     tm = m["timing"]
     return {
         "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
-        "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"],
+        "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"], "deterministic": m["deterministic"],
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
@@ -411,7 +416,8 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
     procs, pipes = [], []
     for i in range(n):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_short_run, args=(send, barrier, overrides, images, epochs, warmup_epochs, threads, i))
+        p = ctx.Process(target=_short_run, args=(send, barrier, overrides, images, epochs, warmup_epochs, threads, i),
+                        daemon=True)  # never outlives the benchmark
         p.start()
         send.close()
         procs.append(p)
