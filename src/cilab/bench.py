@@ -18,6 +18,12 @@ how the batches reach the step.
 
 ``cilab bench protocol`` times a whole iCaRL run (training, memory, evaluation).
 
+``cilab bench concurrency`` runs N short trainings at once, each its own
+process on the one device (as ``cilab reproduce --jobs N`` does), for each N
+asked for; it reports every run's images and start/end times, the aggregate
+images/s (all images / (last end - first start)), and the whole study's
+projected wall time from the best N (``study_images``).
+
 Both print one JSON object (and write it with --out). With no real data they
 use random CIFAR-shaped data, which costs the same to train on.
 """
@@ -180,6 +186,11 @@ def throughput(args) -> dict:
     """Rounds of a, b, c in turn; medians. Interleaving keeps drifting load
     (another process, thermal state) from favouring whichever ran first."""
     setup = Setup(args.overrides)
+    with setup.rt.applied():  # train.deterministic, as a run would train
+        return _throughput(args, setup)
+
+
+def _throughput(args, setup: Setup) -> dict:
     cfg, device = setup.cfg, setup.device
     a = BareStep(setup)
     b = CilabTrainer(setup, args.images, args.exemplars)
@@ -199,7 +210,7 @@ def throughput(args) -> dict:
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
         "benchmark": "throughput", **_device_info(device), "amp": setup.rt.amp, "channels_last": setup.rt.channels_last,
-        "cuda_graphs": setup.rt.graphs, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "cuda_graphs": setup.rt.graphs, "deterministic": setup.rt.deterministic, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
@@ -241,7 +252,7 @@ def protocol(args) -> dict:
     tm = m["timing"]
     return {
         "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
-        "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"],
+        "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"], "deterministic": m["deterministic"],
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
@@ -251,7 +262,7 @@ def protocol(args) -> dict:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput and protocol benchmarks (JSON out)",
+    p = sub.add_parser("bench", help="throughput, protocol and concurrency benchmarks (JSON out)",
                        description="Benchmarks; each prints one JSON object. See the README, section Speed.")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)")
@@ -272,6 +283,20 @@ def add_parser(sub) -> None:
     q.add_argument("--out", type=Path, help="also write the JSON here")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     q.set_defaults(func=_cmd(protocol))
+    c = bsub.add_parser("concurrency", help="aggregate training images/s of N runs at once on one device, "
+                        "and the whole study's projected wall time")
+    c.add_argument("--jobs", metavar="N,N,...", help="runs at once to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
+    c.add_argument("--images", type=int, default=5000, help="random CIFAR-shaped training images of each run")
+    c.add_argument("--epochs", type=int, default=0, help="timed epochs of each run; 0 = 10 on CUDA, 1 on CPU")
+    c.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (CUDA start, graph capture)")
+    c.add_argument("--threads", type=int, help="CPU threads per run (default: the cores divided by N, as reproduce --jobs)")
+    c.add_argument("--study-seeds", default="0,1,2", help="seeds of every run of the projected study (default 0,1,2)")
+    c.add_argument("--groups-file", type=Path, help="groups of the projected study (default: the bundled groups.yaml)")
+    c.add_argument("--classes", type=int, default=100, help="classes of the study's data (CIFAR-100: 100)")
+    c.add_argument("--per-class", type=int, default=500, help="training images per class of the study's data (CIFAR-100: 500)")
+    c.add_argument("--out", type=Path, help="also write the JSON here")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the runs (train.*)")
+    c.set_defaults(func=_cmd(concurrency))
 
 
 def _cmd(fn):
@@ -285,3 +310,203 @@ def _cmd(fn):
         return 0
 
     return run_bench
+
+
+# -- cilab bench concurrency ----------------------------------------------------------------
+#
+# The study is many small runs; one ResNet-32 run at batch 128 leaves a large
+# GPU mostly idle (its step is bound by kernel launches). N runs at once, as
+# separate processes on one device (what `cilab reproduce --jobs N` does), fill
+# it. This measures the aggregate training images/s for each N and projects
+# the study's wall time from the best one.
+
+
+def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2), overrides: list[str] = (),
+                 classes: int = 100, per_class: int = 500) -> list[dict]:
+    """Every run of every `cilab reproduce` group, planned as reproduce plans it (``seeds``
+    replacing each run's own, like ``--seeds``; None keeps the group's), with the images
+    it trains on: [{group, name, method, images}].
+
+    With T tasks of c = classes / T classes, per_class training images a class,
+    E = train.epochs and K = memory.size, task t (0-based) trains on
+      the task's c * per_class images (joint: all (t + 1) * c * per_class seen so far),
+      plus the exemplars: t * c classes with min(K // (t * c), cap) each
+      (cap = per_class, or per_class // 4 for the collage kinds, 4 images a collage),
+    for E epochs; a run's images are the sum over its tasks. Only training images:
+    herding, DeepInversion's synthesis and evaluation are not counted.
+    """
+    import tempfile
+
+    from .memory.collage import COLLAGES, IMAGES_PER_COLLAGE
+    from .methods import METHODS
+    from .reproduce import load_groups, plan
+
+    groups = load_groups() if groups is None else groups
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:  # plan looks for run folders there: none, all runs are new
+        for group in groups:
+            for spec in plan(group, tmp, list(overrides), groups=groups,
+                             seeds=list(seeds) if seeds is not None else None, check_data=False):
+                out.append({"group": group, "name": spec.name, "method": spec.cfg.method,
+                            "images": run_images(spec.cfg, classes, per_class, METHODS, COLLAGES, IMAGES_PER_COLLAGE)})
+    return out
+
+
+def run_images(cfg, classes: int, per_class: int, methods, collages, per_collage: int) -> int:
+    """Training images of one run of ``cfg`` (formula in study_images); tasks of any size (B50)."""
+    from .config import task_train_config
+    from .data import Scenario
+
+    sc = Scenario(list(range(classes)), cfg.scenario.num_tasks, [str(c) for c in range(classes)],
+                  cfg.scenario.first_task_classes)
+    method = methods[cfg.method]
+    cap = per_class // per_collage if cfg.memory.kind in collages else per_class
+    total = 0
+    for t in range(sc.num_tasks):
+        n_old, n_seen = sc.old(t), sc.seen(t)
+        task = (n_seen if method.trains_on == "seen" else n_seen - n_old) * per_class
+        memory = n_old * min(cfg.memory.size // n_old, cap) if (method.uses_memory and n_old > 0) else 0
+        total += task_train_config(cfg.train, t).epochs * (task + memory)
+    return total
+
+
+def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, warmup_epochs: int, threads: int,
+               seed: int) -> None:
+    """One of N simultaneous runs (a spawned process): iCaRL's second-task step on random
+    CIFAR-shaped data, warmed up, then ``epochs`` timed epochs started together with the others."""
+    try:
+        import copy
+
+        torch.set_num_threads(threads)
+        setup = Setup(overrides)
+        device = setup.device
+        with setup.rt.applied():
+            x, y = _random_cifar(images, 20, seed)
+            normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            loader = BatchLoader(x.to(device), y.to(device), setup.cfg.train.batch_size, normalizer, True, gen,
+                                 setup.rt.channels_last)
+            model = setup.model(num_classes=100)
+            old = copy.deepcopy(model).eval().requires_grad_(False)
+            # the step most of the study's images take: BCE on 10 new outputs, BCE distillation
+            # on 10 old ones against the previous model (its forward included)
+            crit = Criterion(setup.cfg.loss.classification, setup.cfg.loss.distillation, 10, 20)
+            train = lambda n: train_task(model, loader, dataclasses.replace(setup.cfg.train, epochs=n, milestones=[]),  # noqa: E731
+                                         crit, old, 1, device, setup.rt.amp, progress=False, graphs=setup.rt.graphs)
+            if warmup_epochs:
+                train(warmup_epochs)  # CUDA context, allocator, cuDNN, graph capture: not timed
+            _sync(device)
+            barrier.wait(timeout=600)
+            start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine (Linux)
+            n = train(epochs)
+            _sync(device)
+            end = time.monotonic()
+        conn.send({"images": n, "start": start, "end": end, "threads": threads, "device": str(device)})
+    except BaseException as e:  # noqa: BLE001 - reported in the JSON, the next N goes on
+        barrier.abort()
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warmup_epochs: int,
+                    threads: int | None = None) -> dict:
+    """N short runs at once, each its own process on the same device; their numbers and the aggregate."""
+    import multiprocessing
+
+    from .reproduce import _cpu_count
+
+    ctx = multiprocessing.get_context("spawn")  # like reproduce --jobs: fresh processes, no inherited CUDA state
+    threads = threads or max(1, _cpu_count() // n)  # reproduce --jobs N's default
+    barrier = ctx.Barrier(n)
+    procs, pipes = [], []
+    for i in range(n):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_short_run, args=(send, barrier, overrides, images, epochs, warmup_epochs, threads, i),
+                        daemon=True)  # never outlives the benchmark
+        p.start()
+        send.close()
+        procs.append(p)
+        pipes.append(recv)
+    runs = []
+    for p, recv in zip(procs, pipes):
+        try:
+            runs.append(recv.recv())
+        except EOFError:
+            runs.append({"error": "the process died without a word (out of memory?)"})
+        p.join()
+    out = {"jobs": n, "threads_per_run": threads, "runs": runs}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        return {**out, "error": "; ".join(dict.fromkeys(errors))}
+    for r in runs:
+        r["seconds"] = r["end"] - r["start"]
+        r["images_per_s"] = r["images"] / r["seconds"]
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    total = sum(r["images"] for r in runs)
+    return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}
+
+
+def _parse_jobs(text: str | None, device: torch.device) -> list[int]:
+    from .config import ConfigError
+
+    if text is None:
+        return [1, 2, 4, 8] if device.type == "cuda" else [1, 2]
+    try:
+        jobs = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        jobs = []
+    if not jobs or min(jobs) < 1:
+        raise ConfigError(f"--jobs must be comma-separated integers >= 1 (e.g. 1,2,4,8), got '{text}'")
+    return jobs
+
+
+def concurrency(args) -> dict:
+    """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
+    from .reproduce import _parse_seeds, load_groups
+
+    setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
+    jobs = _parse_jobs(args.jobs, setup.device)
+    epochs = args.epochs or (10 if setup.device.type == "cuda" else 1)
+    seeds = _parse_seeds(args.study_seeds)
+    study = study_images(load_groups(args.groups_file), seeds, classes=args.classes, per_class=args.per_class)
+    results = [concurrent_runs(n, args.overrides, args.images, epochs, args.warmup_epochs, args.threads) for n in jobs]
+    ok = [r for r in results if "error" not in r]
+    base = next((r for r in ok if r["jobs"] == 1), None)
+    for r in ok:
+        r["speedup_over_one_run"] = r["aggregate_images_per_s"] / base["aggregate_images_per_s"] if base else None
+    out = {
+        "benchmark": "concurrency", **_device_info(setup.device), "amp": setup.rt.amp,
+        "channels_last": setup.rt.channels_last, "cuda_graphs": setup.rt.graphs,
+        "deterministic": setup.rt.deterministic, "batch_size": setup.cfg.train.batch_size,
+        "images_per_run": args.images, "epochs": epochs, "warmup_epochs": args.warmup_epochs,
+        "mps": _mps_state() if setup.device.type == "cuda" else None, "load_average_1min": os.getloadavg()[0],
+        "results": results,
+    }
+    total = sum(r["images"] for r in study)
+    longest = max(study, key=lambda r: r["images"])
+    study_out = {"seeds": seeds, "classes": args.classes, "train_images_per_class": args.per_class,
+                 "runs": len(study), "train_images": total,
+                 "groups": {g: {"runs": sum(r["group"] == g for r in study),
+                                "train_images": sum(r["images"] for r in study if r["group"] == g)}
+                            for g in dict.fromkeys(r["group"] for r in study)},
+                 "longest_run": longest, "per_run": study}
+    if ok:
+        best = max(ok, key=lambda r: r["aggregate_images_per_s"])
+        rate = best["aggregate_images_per_s"]
+        # The larger of: every image at the aggregate rate (the device's limit), and the
+        # longest run at its share of that rate (rate / N), as if it shared the device to
+        # its end: an estimate for one pool of N workers that starts the longest runs first.
+        study_out.update({
+            "best_jobs": best["jobs"], "best_aggregate_images_per_s": rate,
+            "projected_train_s_at_best": total / rate,
+            "longest_run_s_at_best": longest["images"] / (rate / best["jobs"]),
+            "projected_wall_s": max(total / rate, longest["images"] / (rate / best["jobs"])),
+            "projected_wall_s_one_at_a_time": total / base["aggregate_images_per_s"] if base else None,
+        })
+    out["study"] = study_out
+    return out
+
+
+def _mps_state() -> dict:
+    """Whether a CUDA MPS control daemon seems to be running (its pipe directory holds a 'control' pipe)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return {"pipe_directory": pipe, "control_pipe_found": (Path(pipe) / "control").exists()}

@@ -84,6 +84,7 @@ class TrainConfig:
     val_split: float = 0.0
     keep_best: bool = False  # needs val_split > 0
     first_task: FirstTaskConfig = field(default_factory=FirstTaskConfig)
+    deterministic: bool = False  # deterministic torch/cuDNN/cuBLAS algorithms: CUDA runs repeat bit for bit (determinism.py)
 
 
 @dataclass

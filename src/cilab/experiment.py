@@ -84,13 +84,20 @@ class Runtime:
     amp: str  # "bf16" | "off"
     channels_last: bool
     graphs: str  # "off" | "on" | "try", see resolve_cuda_graphs
+    deterministic: bool = False  # train.deterministic
 
     @classmethod
     def resolve(cls, train_cfg) -> "Runtime":
         """Refuses (ConfigError) what this machine cannot do: cuda without a GPU, cuda_graphs=on without CUDA."""
         device = resolve_device(train_cfg)
         return cls(device, resolve_amp(train_cfg, device), resolve_channels_last(train_cfg, device),
-                   resolve_cuda_graphs(train_cfg, device))
+                   resolve_cuda_graphs(train_cfg, device), train_cfg.deterministic)
+
+    def applied(self) -> contextlib.AbstractContextManager:
+        """torch's process-wide settings for the run (train.deterministic), put back when it ends."""
+        from .determinism import deterministic_algorithms
+
+        return deterministic_algorithms(self.deterministic)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -124,7 +131,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     # Locked for the life of the run: a second run on `out` is refused at once.
     with runfolder.claim(out, cfg, resume, overwrite, log):
         results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
-        return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
+        with runtime.applied():  # before Protocol moves the data to the device: cuBLAS's setting must come first
+            return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
 
 
 def _load_data(data_cfg):
@@ -231,6 +239,7 @@ class Protocol:
             "classes_seen": [scenario.seen(t) for t in range(scenario.num_tasks)],
             "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": runtime.amp,
             "channels_last": runtime.channels_last, "cuda_graphs": runtime.graphs,
+            "deterministic": runtime.deterministic,
             "status": "running", "completed_tasks": 0,
             **{c: {"accuracy": [], "current_task_accuracy": [], "accuracy_matrix": []} for c in cfg.eval.classifiers},
             "memory_per_class": [], "memory_total": [],

@@ -180,28 +180,44 @@ class GraphBackend:
 
 
 class CudaGraphs(GraphBackend):
-    """torch.cuda.graph capture, following PyTorch's whole-network recipe."""
+    """torch.cuda.graph capture, following PyTorch's whole-network recipe.
+
+    Warm-up steps and captures all run on one side stream, made once per
+    backend (one per task): the recipe's warm-up on a side stream keeps lazy
+    initialisation (cuBLAS/cuDNN handles and workspaces, the momentum
+    buffers) off the stream being captured, and capturing on that same stream
+    (``torch.cuda.graph(stream=...)``) means the parameters' AccumulateGrad
+    nodes, the gradients and the momentum buffers all belong to the stream
+    that uses them. With a fresh stream per warm-up and torch.cuda.graph's own
+    capture stream, a node made on one stream (kept alive by the captured
+    graph's loss) was used from another, and torch warned that "the
+    AccumulateGrad node's stream does not match" on every run (issue 17).
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        # The side stream waits for the work queued before it (the batch copies)
+        # and the caller's stream waits for it after, so the order of work stays
+        # that of eager training.
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            yield
+        finally:
+            current.wait_stream(self.stream)
 
     @contextlib.contextmanager
     def warmup(self):
-        # Warm-up iterations run on a side stream, which then rejoins the
-        # current one, so lazy initialisation (cuBLAS/cuDNN handles, the
-        # momentum buffers) never happens on the stream being captured.
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):
-                yield
-        finally:
-            current.wait_stream(side)
+        with self._on_side_stream(), torch.cuda.stream(self.stream):
+            yield
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with self._on_side_stream(), torch.cuda.graph(graph, stream=self.stream):
             out = fn()
         return graph.replay, out
 
@@ -270,6 +286,9 @@ class GraphedStep:
                           "training on with eager steps. train.cuda_graphs=off skips the attempt.",
                           RuntimeWarning, stacklevel=3)
             self.failed = True
+            # Eager from now on, on the caller's stream: drop the graphs captured
+            # so far, whose losses keep autograd nodes of the side stream alive.
+            self.graphs.clear()
             return None
         self.graphs[key] = (replay, static_x, static_y, static_loss)
         return self.graphs[key]

@@ -97,6 +97,9 @@ class Method:
     distills: ClassVar[bool] = False
     uses_memory: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = True
+    # What training_data returns, for estimates that cannot run it (bench.study_images):
+    # "current" (task t's classes, + exemplars) or "seen" (every class so far).
+    trains_on: ClassVar[str] = "current"
 
     def __init__(self, args: Any = None):
         self.args = args if args is not None else self.Args()

@@ -24,6 +24,7 @@ class JointArgs:
 @register("joint")
 class Joint(Method):
     Args = JointArgs
+    trains_on = "seen"
 
     def before_task(self, ctx: TaskContext) -> None:
         if self.args.warm_start or ctx.t == 0:
