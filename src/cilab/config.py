@@ -112,6 +112,7 @@ class EvalConfig:
     svm: SVMConfig = field(default_factory=SVMConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     batch_size: int = 1024  # feature extraction batch
+    fc_scope: str = "all"  # fc's arg-max over: all (the study: every output) | seen (outputs of the classes seen)
 
 
 @dataclass
@@ -327,7 +328,7 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
 
 def validate(cfg: Config) -> None:
     # Imported here: the registries import config for their sub-config types.
-    from .classifiers import CLASSIFIERS
+    from .classifiers import CLASSIFIERS, FC_SCOPES
     from .data.datasets import DATASETS
     from .losses import CLASSIFICATION_LOSSES, DISTILLATION_LOSSES
     from .memory import EXEMPLAR_BUILDERS, SELECTIONS
@@ -392,6 +393,7 @@ def validate(cfg: Config) -> None:
     _positive("eval.mlp.lr", ev.mlp.lr)
     _positive("eval.mlp.epochs", ev.mlp.epochs)
     _positive("eval.batch_size", ev.batch_size)
+    _choice("eval.fc_scope", ev.fc_scope, FC_SCOPES)
 
     # Combinations: the method decides which parts of the config make sense.
     METHODS[cfg.method].check(cfg)

@@ -39,7 +39,7 @@ from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS
 from .models import create_model
-from .trainer import autocast_for, train_task
+from .trainer import train_task
 
 
 class RunFolderError(RuntimeError):
@@ -424,8 +424,8 @@ class Protocol:
             self.log(f"[{self.out.name}] task {t + 1}/{sc.num_tasks} ({n_seen} classes): {accs}  ({t3 - t0:.1f}s)")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size,
-                                autocast_for(self.device, self.rt.amp), self.rt.memory_format)
+        # fp32 whatever train.amp says (see extract_features): exemplar selection and every classifier use these
+        return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size, self.rt.memory_format)
 
     def update_memory(self, t: int, n_seen: int) -> None:
         m = self.memory.per_class_quota(n_seen)
@@ -450,17 +450,19 @@ class Protocol:
         if len(self.memory):
             mx, my = self.memory.data(self.device)
             mem_feats = self.features(mx)
+            flipped = self.features(mx.flip(-1))  # iCaRL's class means also average the mirrored exemplars
         else:
-            mem_feats, my = feats[:0], y[:0]
-        fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed)
+            mem_feats, my, flipped = feats[:0], y[:0], None
+        fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed, flipped_features=flipped)
         current = y >= t * cpt
         for name in self.cfg.eval.classifiers:
             clf = build_classifier(name, self.cfg.eval)
             clf.fit(fit)
             pred = clf.predict(feats)
             m = self.metrics[name]
+            m.update(clf.settings())  # e.g. fc's arg-max scope, named in metrics.json
             m["accuracy"].append(accuracy(pred, y))
             m["current_task_accuracy"].append(accuracy(pred[current], y[current]))
             row = task_accuracies(pred, y, cpt, t + 1)
             m["accuracy_matrix"].append(row + [None] * (self.scenario.num_tasks - t - 1))
-            self.confusion[f"{name}_task{t + 1:02d}"] = confusion_matrix(pred, y, n_seen)
+            self.confusion[f"{name}_task{t + 1:02d}"] = confusion_matrix(pred, y, n_seen, clf.may_predict_unseen)
