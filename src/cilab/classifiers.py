@@ -35,6 +35,7 @@ class FitData:
 
 class Classifier:
     needs_memory = True
+    uses_flipped_exemplars = False  # fit reads FitData.flipped_features (extracted only if some classifier does)
     config_key: str | None = None  # the eval.<key> sub-section the constructor takes
 
     def __init__(self, cfg=None):
@@ -116,6 +117,8 @@ class NMEClassifier(Classifier):
     matrix product and an arg-max on the device. Without flipped features
     (``FitData.flipped_features`` None) the mean is over the exemplars alone.
     """
+
+    uses_flipped_exemplars = True
 
     def fit(self, data: FitData) -> None:
         f = F.normalize(data.features.float(), dim=1)

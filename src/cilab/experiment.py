@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import results
-from .classifiers import FitData, build_classifier
+from .classifiers import CLASSIFIERS, FitData, build_classifier
 from .config import Config, ConfigError
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
 from .data.loader import Normalizer
@@ -450,7 +450,9 @@ class Protocol:
         if len(self.memory):
             mx, my = self.memory.data(self.device)
             mem_feats = self.features(mx)
-            flipped = self.features(mx.flip(-1))  # iCaRL's class means also average the mirrored exemplars
+            # iCaRL's class means also average the mirrored exemplars
+            flips = any(CLASSIFIERS[c].uses_flipped_exemplars for c in self.cfg.eval.classifiers)
+            flipped = self.features(mx.flip(-1)) if flips else None
         else:
             mem_feats, my, flipped = feats[:0], y[:0], None
         fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed, flipped_features=flipped)
