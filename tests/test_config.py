@@ -1,6 +1,25 @@
 import pytest
 
-from cilab.config import ConfigError, build_config, preset_names
+from cilab.config import Config, ConfigError, build_config, config_from_dict, preset_names
+
+
+def flat(cfg) -> dict:
+    """A config as {dotted key: value}."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            else:
+                out[prefix + k] = v
+    walk(cfg.to_dict(), "")
+    return out
+
+
+def differences(a, b) -> dict:
+    fa, fb = flat(a), flat(b)
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
 
 
 def test_presets_carry_the_study_settings():
@@ -58,3 +77,55 @@ def test_impossible_combinations():
         build_config("lwf", ["eval.classifiers=[nme]"])
     with pytest.raises(ConfigError, match="unknown preset 'icarl-hybrid'"):
         build_config("icarl-hybrid")
+
+
+def test_the_dataclass_defaults_are_the_icarl_preset():
+    # config.py promises the defaults are the study's iCaRL settings: a preset or a default drifting apart is a bug
+    assert differences(Config(), build_config("icarl")) == {}
+    assert differences(build_config(), build_config("icarl")) == {}
+
+
+@pytest.mark.parametrize("preset, changed", [
+    ("icarl-hybrid1", {"eval.classifiers": (["nme", "fc"], ["fc"])}),
+    ("icarl-noaug", {"train.augment": (True, False)}),
+    ("icarl-random", {"memory.selection": ("herding", "random")}),
+])
+def test_a_preset_that_extends_icarl_changes_only_what_it_says(preset, changed):
+    # a merge that replaced a whole section (eval: {classifiers: [fc]} dropping eval.knn, ...) would show here
+    assert differences(build_config("icarl"), build_config(preset)) == changed
+
+
+@pytest.mark.parametrize("preset, cls, dist", [
+    ("icarl-ce-mse", "ce", "mse"), ("icarl-bce-mse", "bce", "mse"), ("icarl-mse-mse", "mse", "mse"),
+    ("icarl-ce-bce", "ce", "bce"),
+])
+def test_loss_pair_presets_change_only_the_loss(preset, cls, dist):
+    d = differences(build_config("icarl"), build_config(preset))
+    assert all(k.startswith("loss.") for k in d), d
+    cfg = build_config(preset)
+    assert (cfg.loss.classification, cfg.loss.distillation) == (cls, dist)
+
+
+def test_an_override_changes_one_key_and_keeps_its_siblings():
+    base = build_config("icarl")
+    assert differences(base, build_config("icarl", ["train.lr=0.5"])) == {"train.lr": (2.0, 0.5)}
+    assert differences(base, build_config("icarl", ["eval.knn.k=3"])) == {"eval.knn.k": (5, 3)}
+    # the later of two overrides of one key wins
+    assert build_config("icarl", ["train.lr=0.5", "train.lr=0.25"]).train.lr == 0.25
+
+
+def test_every_study_preset_takes_the_fc_argmax_over_all_outputs_as_the_study():
+    for name in preset_names():
+        assert build_config(name).eval.fc_scope == "all", name
+    assert build_config("icarl", ["eval.fc_scope=seen"]).eval.fc_scope == "seen"
+    with pytest.raises(ConfigError, match="'eval.fc_scope' is 'new', which is not one of: all, seen"):
+        build_config("icarl", ["eval.fc_scope=new"])
+
+
+def test_a_saved_config_loads_back_to_the_same_config_and_refuses_a_bad_one():
+    cfg = build_config("icarl", ["train.lr=0.5", "eval.fc_scope=seen", "seed=4"])
+    assert differences(config_from_dict(cfg.to_dict()), cfg) == {}
+    d = cfg.to_dict()
+    d["train"]["lr"] = -1
+    with pytest.raises(ConfigError, match="'train.lr' must be > 0"):
+        config_from_dict(d)

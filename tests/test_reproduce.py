@@ -4,6 +4,7 @@ A test-only group (two tiny real runs on a digits subset) is passed as a
 mapping or a --groups-file; the bundled groups.yaml is only checked for shape.
 """
 
+import csv
 import json
 
 import pytest
@@ -81,10 +82,19 @@ def test_reproduce_runs_skips_resumes_and_reports(tmp_path, npz, monkeypatch, ca
     assert results.is_complete(icarl) and results.is_complete(ft)
     m = results.read_metrics(icarl)
     assert m["preset"] == "icarl" and m["overrides"] == ov + ["seed=0"]
+    # what each run folder's config.yaml says it ran, against the settings written out by hand
+    # (the group's overrides on the preset; finetune keeps no exemplars, so memory.size=20 is not applied)
+    for folder, method, memory in ((icarl, "icarl", 20), (ft, "finetune", 0)):
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["method"] == method and saved["seed"] == 0 and saved["memory"]["size"] == memory
+        assert (saved["train"]["epochs"], saved["train"]["batch_size"], saved["model"]["name"]) == (1, 64, "resnet20")
+        assert saved["data"]["path"] == str(npz) and saved["scenario"]["num_tasks"] == 2
+        assert (saved["train"]["lr"], saved["loss"]["classification"]) == (2.0, "bce")  # from the preset, untouched
     printed = capsys.readouterr().out
     assert "avg incremental acc" in printed and "2 done" in printed
     rows = (out / "tiny" / "report" / "summary.csv").read_text()
-    assert f"{m['nme']['average_incremental_accuracy']:.6f}" in rows  # one seed: the run's own number
+    acc = m["nme"]["accuracy"]
+    assert f"{(acc[0] + acc[1]) / 2:.6f}" in rows  # one seed: the mean of its 2 task accuracies
     assert (out / "tiny" / "report" / "accuracy.png").exists()
 
     # second invocation: nothing retrains, nothing is rewritten
@@ -148,6 +158,11 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, npz, monkeypa
     assert results.is_complete(out / "three" / "finetune-s0") and results.is_complete(out / "three" / "finetune-s2")
     summary = (out / "three" / "report" / "summary.csv").read_text().splitlines()
     assert len(summary) == 2 and ",2,0 2," in summary[1]  # two seeds aggregated: 0 and 2
+    # fake accuracies 90 - 10 t - seed over 5 tasks: average incremental 70 (seed 0) and 68 (seed 2),
+    # mean 69, sample std sqrt((1 + 1) / 1) = 1.414214; final 50 and 48: 49 +- 1.414214
+    row = next(csv.DictReader((out / "three" / "report" / "summary.csv").open()))
+    assert (row["avg_inc_acc_mean"], row["avg_inc_acc_std"]) == ("69.000000", "1.414214")
+    assert (row["final_acc_mean"], row["final_acc_std"]) == ("49.000000", "1.414214")
     assert "finetune-s1" in (out / "three" / "report" / "report.md").read_text()
 
     # next time only the failed run is run again (resumed: same config, not complete)

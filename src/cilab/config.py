@@ -146,6 +146,7 @@ class EvalConfig:
     svm: SVMConfig = field(default_factory=SVMConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     batch_size: int = 1024  # feature extraction batch
+    fc_scope: str = "all"  # fc's arg-max over: all (the study: every output) | seen (outputs of the classes seen)
 
 
 @dataclass
@@ -471,7 +472,7 @@ def _check_image_data(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     # Imported here: the registries' modules import config (e.g. for from_dict), so
     # config must not import them when it is itself imported.
-    from .classifiers import CLASSIFIERS
+    from .classifiers import CLASSIFIERS, FC_SCOPES
     from .data.datasets import DATASETS
     from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
     from .memory import EXEMPLAR_BUILDERS, SELECTIONS
@@ -569,6 +570,7 @@ def validate(cfg: Config) -> None:
     _positive("eval.mlp.lr", ev.mlp.lr)
     _positive("eval.mlp.epochs", ev.mlp.epochs)
     _positive("eval.batch_size", ev.batch_size)
+    _choice("eval.fc_scope", ev.fc_scope, FC_SCOPES)
 
     # Combinations: the method decides which parts of the config make sense.
     METHODS[cfg.method].check(cfg)

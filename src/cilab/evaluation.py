@@ -13,17 +13,22 @@ Definitions (accuracies in percent):
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 
 @torch.no_grad()
 def extract_features(model, x: torch.Tensor, normalizer, batch_size: int = 1024,
-                     autocast: contextlib.AbstractContextManager | None = None,
                      memory_format=torch.contiguous_format) -> torch.Tensor:
-    """uint8 images -> float32 features, in eval mode, in batches, on the images' device."""
+    """uint8 images -> float32 features, in eval mode, in batches, on the images' device.
+
+    Always computed in fp32, also when training runs under bf16 autocast
+    (``train.amp``) and also when called from inside an autocast region:
+    herding picks exemplars by small differences between feature means, and
+    NME / kNN / SVM / MLP compare distances between features, both of which
+    bf16's 8-bit mantissa (about 3 significant digits) would round away.
+    Extraction is a small part of a run's time, so fp32 costs little.
+    """
     was_training = model.training
     model.eval()
     out = []
@@ -31,8 +36,8 @@ def extract_features(model, x: torch.Tensor, normalizer, batch_size: int = 1024,
         # .to: images kept in host memory (data.placement=host) go to the model's device batch by batch
         xb = normalizer(x[i: i + batch_size].to(normalizer.scale.device, non_blocking=True)).contiguous(
             memory_format=memory_format)
-        with autocast or contextlib.nullcontext():
-            out.append(model.features(xb).float())
+        with torch.autocast(device_type=xb.device.type, enabled=False):
+            out.append(model.features(xb.float()).float())
     model.train(was_training)
     if not out:
         return torch.empty(0, getattr(model, "feature_dim", 64), device=x.device)
@@ -55,14 +60,26 @@ def task_accuracies(pred: torch.Tensor, y: torch.Tensor, task: "torch.Tensor | i
     return (100.0 * hits / counts).tolist()  # 0 / 0 = nan
 
 
-def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int) -> np.ndarray:
-    """Rows: true class, columns: predicted class (output order)."""
-    return torch.bincount(y * n + pred, minlength=n * n).reshape(n, n).cpu().numpy()
+def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int, unseen_column: bool = False) -> np.ndarray:
+    """Rows: true class, columns: predicted class (output order), n seen classes.
+
+    ``unseen_column``: one more column, n, counting the predictions of any
+    class not seen yet (output >= n), which a classifier whose arg-max runs
+    over all outputs can make (``eval.fc_scope=all``); the matrix is then
+    n x (n + 1) and each row still sums to that class's test images.
+    """
+    cols = n + 1 if unseen_column else n
+    if not unseen_column and len(pred) and int(pred.max()) >= n:
+        raise ValueError(f"a prediction is output {int(pred.max())}, beyond the {n} seen classes; "
+                         "pass unseen_column=True")
+    pred = pred.clamp_max(n) if unseen_column else pred
+    return torch.bincount(y * cols + pred, minlength=n * cols).reshape(n, cols).cpu().numpy()
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    # mean() of nothing is nan: an accuracy over zero images is undefined, never 0%.
-    return 100.0 * (pred == y).float().mean().item() if len(y) else float("nan")
+    # counted in integers: a float32 mean is off in the 7th digit (3 of 5 -> 60.0000024);
+    # an accuracy over zero images is undefined (nan, null in metrics.json), never 0%.
+    return 100.0 * int((pred == y).sum()) / len(y) if len(y) else float("nan")
 
 
 def forgetting(matrix: list[list[float | None]]) -> float:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import results, runfolder
-from .classifiers import FitData, build_classifier
+from .classifiers import CLASSIFIERS, FitData, build_classifier
 from .config import Config, ConfigError, task_train_config
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
 from .data.loader import Normalizer, data_placement, place
@@ -44,7 +44,7 @@ from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
 from .results import RunFolderError  # noqa: F401 - the CLI's user errors name it here
 from .tracking import Trackers
-from .trainer import autocast_for, train_task
+from .trainer import train_task
 
 
 def resolve_device(train_cfg) -> torch.device:
@@ -446,8 +446,8 @@ class Protocol:
         return self.normalizer(x).contiguous(memory_format=self.rt.memory_format)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size,
-                                autocast_for(self.device, self.rt.amp), self.rt.memory_format)
+        # fp32 whatever train.amp says (see extract_features): exemplar selection and every classifier use these
+        return extract_features(self.model, x, self.normalizer, self.cfg.eval.batch_size, self.rt.memory_format)
 
     def update_memory(self, t: int, n_seen: int) -> None:
         m = self.memory.per_class_quota(n_seen)
@@ -472,9 +472,12 @@ class Protocol:
         if len(self.memory):
             mx, my = self.memory.data(self.device)
             mem_feats = self.features(mx)
+            # iCaRL's class means also average the mirrored exemplars
+            flips = any(CLASSIFIERS[c].uses_flipped_exemplars for c in self.cfg.eval.classifiers)
+            flipped = self.features(mx.flip(-1)) if flips else None
         else:
-            mem_feats, my = feats[:0], y[:0]
-        fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed)
+            mem_feats, my, flipped = feats[:0], y[:0], None
+        fit = FitData(mem_feats, my, self.model.head, n_seen, self.cfg.seed, flipped_features=flipped)
         current = y >= self.scenario.old(t)
         task_of_y = self.scenario.task_of(y)
         for name in self.cfg.eval.classifiers:
@@ -482,11 +485,12 @@ class Protocol:
             clf.fit(fit)
             pred = clf.predict(feats)
             m = self.metrics[name]
+            m.update(clf.settings())  # e.g. fc's arg-max scope, named in metrics.json
             m["accuracy"].append(accuracy(pred, y))
             m["current_task_accuracy"].append(accuracy(pred[current], y[current]))
             row = task_accuracies(pred, y, task_of_y, t + 1)
             m["accuracy_matrix"].append(row + [None] * (self.scenario.num_tasks - t - 1))
-            self.confusion[f"{name}_task{t + 1:02d}"] = confusion_matrix(pred, y, n_seen)
+            self.confusion[f"{name}_task{t + 1:02d}"] = confusion_matrix(pred, y, n_seen, clf.may_predict_unseen)
 
 
 class BestEpoch:

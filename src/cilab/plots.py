@@ -120,13 +120,16 @@ def plot_confusion(matrix, path: Path, *, title: str, classes_per_task: int | No
 
     Each row is normalised to the percentage of that class's test images, and
     the colour scale is a square root so that scattered errors stay visible
-    next to the diagonal. Thin lines separate the tasks.
+    next to the diagonal. Thin lines separate the tasks. An n x (n + 1)
+    matrix (``eval.fc_scope=all``) has a last column for the predictions of a
+    class not seen yet, drawn after a thick line and labelled "unseen".
     """
     import numpy as np
     from matplotlib.colors import PowerNorm
 
     m = np.asarray(matrix, dtype=float)
     n = m.shape[0]
+    unseen = m.shape[1] == n + 1
     pct = 100.0 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=CONFUSION_FIGSIZE, dpi=DPI)
     im = ax.imshow(pct, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=100), interpolation="nearest")
@@ -136,13 +139,17 @@ def plot_confusion(matrix, path: Path, *, title: str, classes_per_task: int | No
         for b in range(classes_per_task, n, classes_per_task):
             ax.axhline(b - 0.5, color="white", linewidth=0.4, alpha=0.6)
             ax.axvline(b - 0.5, color="white", linewidth=0.4, alpha=0.6)
+    if unseen:
+        ax.axvline(n - 0.5, color="white", linewidth=1.5)
+    extra = ["unseen"] if unseen else []
     if class_names is not None and n <= 20:
-        ax.set_xticks(range(n), class_names, rotation=90 if max(map(len, class_names)) > 3 else 0, fontsize=8)
-        ax.set_yticks(range(n), class_names, fontsize=8)
+        names = list(class_names[:n]) + extra
+        ax.set_xticks(range(len(names)), names, rotation=90 if max(map(len, names)) > 3 else 0, fontsize=8)
+        ax.set_yticks(range(n), class_names[:n], fontsize=8)
     else:
         step = classes_per_task if classes_per_task and n // classes_per_task <= 20 else max(1, n // 10)
         ticks = list(range(0, n, step))
-        ax.set_xticks(ticks)
+        ax.set_xticks(ticks + [n] * unseen, [str(t) for t in ticks] + extra)
         ax.set_yticks(ticks)
     ax.set(title=title, xlabel="predicted class (learned order)", ylabel="true class (learned order)")
     fig.tight_layout()

@@ -6,10 +6,15 @@ and ``train.lr=0.1`` are one variant, whatever their order). Only complete
 runs enter the aggregates; failed and incomplete ones are listed in report.md
 as such.
 
-Spread over seeds is the *sample* standard deviation (ddof=1), the usual
-estimate from a handful of seeds; it is undefined with one seed, which the
-tables show as a bare mean (an empty ``*_std`` cell in summary.csv) and the
-figures as a line without error bars.
+Spread over seeds: the standard deviation sqrt(sum_i (x_i - mean)^2 / (n - ddof))
+over the n seeds. By default the *sample* standard deviation, ddof=1, the usual
+estimate from a handful of seeds; the study reported numpy's default, ddof=0
+(the population formula, smaller by sqrt((n-1)/n): 0.82x with 3 seeds), which
+``--ddof 0`` reproduces. Every table header, the summary.csv / curves.csv
+column ``std_ddof`` and every figure legend say which was used and over how
+many seeds. With ddof=1 it is undefined for one seed, which the tables show as
+a bare mean (an empty ``*_std`` cell in summary.csv) and the figures as a line
+without error bars.
 
 Written into ``--out``:
 
@@ -46,13 +51,13 @@ from .config import ConfigError, parse_override
 SUMMARY_FIELDS = [
     "variant", "preset", "overrides", "classifier", "n_seeds", "seeds",
     "avg_inc_acc_mean", "avg_inc_acc_std", "final_acc_mean", "final_acc_std",
-    "forgetting_mean", "forgetting_std", "runs",
+    "forgetting_mean", "forgetting_std", "runs", "std_ddof",
 ]
 CURVE_FIELDS = ["variant", "classifier", "task", "classes_seen", "n_seeds", "accuracy_mean", "accuracy_std",
-                "current_task_accuracy_mean", "current_task_accuracy_std"]
+                "current_task_accuracy_mean", "current_task_accuracy_std", "std_ddof"]
 REPORT_FILES = ("report.md", "summary.csv", "curves.csv", "accuracy.png", "current_task_accuracy.png", "tsne.png",
                 "confusion_*.png", "exemplars_*_task*.png")
-STD_DDOF = 1  # sample standard deviation over seeds (see module doc)
+STD_DDOF = 1  # default: sample standard deviation over seeds (see module doc); the study: 0
 TSNE_CLASSES = 5  # "Five class of the first task are chosen" (the study, figure 4)
 TSNE_TASKS = (1, 5, 10)  # "at task 1, 5 and 10"; clamped to the run's tasks, the last one always drawn
 
@@ -268,38 +273,57 @@ def common_overrides(variants: list[Variant]) -> list[str]:
     return [o for o in variants[0].overrides if _canonical([o]) and _canonical([o])[0] in common]
 
 
-def _mean_std(x: np.ndarray) -> tuple[float, float | None]:
+def _check_ddof(ddof: int) -> None:
+    if ddof not in (0, 1):
+        raise ReportError(f"--ddof must be 0 (population std, as the study) or 1 (sample std), got {ddof}")
+
+
+def _mean_std(x: np.ndarray, ddof: int = STD_DDOF) -> tuple[float, float | None]:
+    """Mean and std over seeds (the module doc's formula); std None where n - ddof < 1 (one seed, ddof=1)."""
     if len(x) == 0:
         return math.nan, None
-    return float(np.mean(x)), (float(np.std(x, ddof=STD_DDOF)) if len(x) > STD_DDOF else None)
+    return float(np.mean(x)), (float(np.std(x, ddof=ddof)) if len(x) > ddof else None)
 
 
-def summarize_variants(variants: list[Variant]) -> list[dict]:
+def _std_over(a: np.ndarray, ddof: int) -> list | None:
+    """Per-column std of a runs x tasks array, or None where it is undefined."""
+    return list(np.std(a, axis=0, ddof=ddof)) if a.shape[0] > ddof else None
+
+
+def spread_note(ddof: int, n: int | None = None) -> str:
+    """How the spread was computed, for table headers and legends: 'mean ± std (ddof=1, n=3 seeds)'."""
+    seeds = "" if n is None else f", n={n} seed{'s' if n != 1 else ''}"
+    return f"mean ± std (ddof={ddof}{seeds})"
+
+
+def summarize_variants(variants: list[Variant], ddof: int = STD_DDOF) -> list[dict]:
+    _check_ddof(ddof)
     rows = []
     for v in variants:
         for c in v.classifiers:
             row = {"variant": v.label, "preset": v.preset, "overrides": " ".join(v.overrides), "classifier": c,
                    "n_seeds": len(v.values(c, "final_accuracy")), "seeds": " ".join(map(str, v.seeds)),
-                   "runs": " ".join(r.name for r in v.runs)}
+                   "runs": " ".join(r.name for r in v.runs), "std_ddof": ddof}
             for name, key in (("avg_inc_acc", "average_incremental_accuracy"), ("final_acc", "final_accuracy"),
                               ("forgetting", "forgetting")):
-                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(v.values(c, key))
+                row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(v.values(c, key), ddof)
             rows.append(row)
     return rows
 
 
-def curve_rows(variants: list[Variant]) -> list[dict]:
+def curve_rows(variants: list[Variant], ddof: int = STD_DDOF) -> list[dict]:
+    _check_ddof(ddof)
     rows = []
     for v in variants:
         cpt = v.runs[0].metrics["classes_per_task"]
         for c in v.classifiers:
             acc, cur = v.series(c, "accuracy"), v.series(c, "current_task_accuracy")
             for t in range(acc.shape[1]):
-                am, asd = _mean_std(acc[:, t])
-                cm, csd = _mean_std(cur[:, t])
+                am, asd = _mean_std(acc[:, t], ddof)
+                cm, csd = _mean_std(cur[:, t], ddof)
                 rows.append({"variant": v.label, "classifier": c, "task": t + 1, "classes_seen": cpt * (t + 1),
                              "n_seeds": acc.shape[0], "accuracy_mean": am, "accuracy_std": asd,
-                             "current_task_accuracy_mean": cm, "current_task_accuracy_std": csd})
+                             "current_task_accuracy_mean": cm, "current_task_accuracy_std": csd, "std_ddof": ddof})
     return rows
 
 
@@ -310,8 +334,11 @@ def _fmt(mean: float, std: float | None, digits: int = 2) -> str:
 
 
 def format_summary_table(rows: list[dict]) -> str:
-    """Plain-text table: one line per variant and classifier."""
-    head = ["variant", "clf", "seeds", "avg incremental acc (%)", "final acc (%)", "forgetting (%)"]
+    """Plain-text table: one line per variant and classifier; the header says how the spread was computed."""
+    ddof = rows[0].get("std_ddof", STD_DDOF) if rows else STD_DDOF
+    spread = spread_note(ddof)
+    head = ["variant", "clf", "seeds", f"avg incremental acc (%, {spread})", f"final acc (%, {spread})",
+            f"forgetting (%, {spread})"]
     body = [[r["variant"], r["classifier"], str(r["n_seeds"]), _fmt(r["avg_inc_acc_mean"], r["avg_inc_acc_std"]),
              _fmt(r["final_acc_mean"], r["final_acc_std"]), _fmt(r["forgetting_mean"], r["forgetting_std"])]
             for r in rows]
@@ -340,26 +367,27 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 # -- figures from metrics ----------------------------------------------------------------
 
 
-def accuracy_figures(variants: list[Variant], out: Path, title: str) -> list[Path]:
+def accuracy_figures(variants: list[Variant], out: Path, title: str, ddof: int = STD_DDOF) -> list[Path]:
+    """Each legend entry names its spread: 'mean ± std (ddof=1, n=3 seeds)', or '1 seed' alone."""
     from .plots import plot_curves
 
+    _check_ddof(ddof)
     acc_curves, cur_curves, xs, tasks = [], [], set(), set()
     for v in variants:
         cpt = v.runs[0].metrics["classes_per_task"]
         for c in v.classifiers:
             label = f"{v.label} ({c})" if len(v.classifiers) > 1 or len(variants) == 1 else v.label
             n = len(v.runs)
-            label += f", {n} seeds" if n > 1 else ""
-            avg = f": avg {_fmt(*_mean_std(v.values(c, 'average_incremental_accuracy')), digits=1)}%"
+            label += f", {spread_note(ddof, n)}" if n > ddof else f", {n} seed{'s' if n != 1 else ''}"
+            avg = f": avg {_fmt(*_mean_std(v.values(c, 'average_incremental_accuracy'), ddof), digits=1)}%"
             acc, cur = v.series(c, "accuracy"), v.series(c, "current_task_accuracy")
             x = [cpt * (t + 1) for t in range(acc.shape[1])]
             xs.update(x)
             tasks.update(range(1, acc.shape[1] + 1))
-            std = lambda a: list(np.std(a, axis=0, ddof=STD_DDOF)) if a.shape[0] > STD_DDOF else None  # noqa: E731
-            acc_curves.append({"label": label + avg, "x": x, "mean": list(acc.mean(axis=0)), "std": std(acc)})
+            acc_curves.append({"label": label + avg, "x": x, "mean": list(acc.mean(axis=0)), "std": _std_over(acc, ddof)})
             cur_curves.append({"label": label, "x": list(range(1, acc.shape[1] + 1)), "mean": list(cur.mean(axis=0)),
-                               "std": std(cur)})
-    spread = " (mean ± std over seeds)" if any(len(v.runs) > 1 for v in variants) else ""
+                               "std": _std_over(cur, ddof)})
+    spread = f" ({spread_note(ddof)} over seeds)" if any(len(v.runs) > 1 for v in variants) else ""
     return [
         plot_curves(acc_curves, out / "accuracy.png", title=f"{title}: accuracy on all classes seen{spread}",
                     xlabel="number of classes seen", ylabel="accuracy on the classes seen so far (%)",
@@ -510,6 +538,7 @@ class Report:
     rows: list[dict]
     figures: list[Path]
     notes: list[str]
+    ddof: int = STD_DDOF
 
     @property
     def excluded(self) -> list[Run]:
@@ -531,16 +560,18 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 tsne_at: tuple = TSNE_TASKS, tsne_classes: int = TSNE_CLASSES, exemplars: str | None = None,
                 exemplar_task: int | None = None, exemplars_per_class: int = 10, exemplar_classes: int = 20,
                 device: str = "auto", seed: int = 0, labels: dict[str, str] | None = None,
-                log: Callable[[str], None] = print) -> Report:
+                log: Callable[[str], None] = print, ddof: int = STD_DDOF) -> Report:
     """Read the run folders under ``paths`` and write report.md, CSVs and figures into ``out``.
 
     ``confusion`` / ``tsne``: run names (folder names or paths) to draw; by
     default the first complete run, and the first run of each variant. A figure
     that cannot be drawn becomes a note in report.md, never an exception.
     ``labels``: run folder name -> variant label (see :func:`group_runs`).
+    ``ddof``: 1 (sample std over seeds, the default) or 0 (the study's), see the module doc.
     """
     import torch
 
+    _check_ddof(ddof)
     out = Path(out)
     if _is_run_folder(out):
         raise ReportError(f"--out {out} is a run folder; write the report into another folder")
@@ -550,13 +581,13 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
         if old.is_file() and any(fnmatch.fnmatch(old.name, pat) for pat in REPORT_FILES):
             old.unlink()
     variants = group_runs(runs, labels)
-    rows = summarize_variants(variants)
+    rows = summarize_variants(variants, ddof)
     done = [r for r in runs if r.complete]
     title = title or (variants[0].runs[0].metrics.get("dataset", "") if variants else "cilab report")
     figures: list[Path] = []
     notes: list[str] = []
     write_csv(out / "summary.csv", rows, SUMMARY_FIELDS)
-    write_csv(out / "curves.csv", curve_rows(variants), CURVE_FIELDS)
+    write_csv(out / "curves.csv", curve_rows(variants, ddof), CURVE_FIELDS)
 
     def attempt(what: str, fn):
         try:
@@ -566,7 +597,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
             notes.append(f"{what}: not drawn ({type(e).__name__}: {e})")
 
     if variants:
-        attempt("accuracy curves", lambda: accuracy_figures(variants, out, title))
+        attempt("accuracy curves", lambda: accuracy_figures(variants, out, title, ddof))
         for r in _select(runs, confusion, "confusion") if confusion else done[:1]:
             if not r.complete:
                 notes.append(f"confusion matrix of {r.name}: not drawn, the run is not complete")
@@ -616,7 +647,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 return exemplar_figure(RunState(ex_run, dev, datasets), task, exemplars_per_class, exemplar_classes, out)
             attempt(f"exemplar grid of {ex_run.name}", grid)
 
-    report = Report(out, runs, variants, rows, figures, notes)
+    report = Report(out, runs, variants, rows, figures, notes, ddof)
     (out / "report.md").write_text(render_markdown(report, title))
     return report
 
@@ -637,10 +668,13 @@ def render_markdown(rep: Report, title: str) -> str:
         L.append("")
     if rep.rows:
         L += ["## Summary", "",
-              "Accuracies in percent on the test images of all classes seen. Mean ± sample standard deviation "
-              "(ddof=1) over seeds; a bare number is a single seed. Forgetting: mean over the tasks before the last "
+              f"Accuracies in percent on the test images of all classes seen: {spread_note(rep.ddof)} over the "
+              f"seeds, sqrt(sum (x - mean)^2 / (n - {rep.ddof})) "
+              f"({'the sample standard deviation' if rep.ddof == 1 else 'the population standard deviation, as the study'})"
+              "; a bare number is a single seed. Forgetting: mean over the tasks before the last "
               "of the drop from their best accuracy to their final accuracy.", "",
-              "| variant | classifier | seeds | average incremental accuracy | final accuracy | forgetting |",
+              f"| variant | classifier | seeds | average incremental accuracy, {spread_note(rep.ddof)} | "
+              f"final accuracy, {spread_note(rep.ddof)} | forgetting, {spread_note(rep.ddof)} |",
               "|---|---|---|---|---|---|"]
         for r in rep.rows:
             L.append(f"| {r['variant']} | {r['classifier']} | {r['n_seeds']} ({r['seeds']}) | "
@@ -686,7 +720,7 @@ def add_parser(sub) -> None:
         "report", help="tables and figures from run folders, aggregated over seeds",
         description="Aggregate run folders over seeds. Runs with the same preset and overrides (seed aside) form "
         "one variant; its average incremental accuracy, final accuracy and forgetting are reported as mean ± "
-        "sample std (ddof=1) over seeds. Failed and incomplete runs are listed and left out. Writes report.md, "
+        "std over seeds (sample std, ddof=1, unless --ddof 0). Failed and incomplete runs are listed and left out. Writes report.md, "
         "summary.csv, curves.csv, accuracy.png (accuracy vs classes seen), current_task_accuracy.png, "
         "confusion_<run>_<clf>.png (after the last task), tsne.png (features of classes of the first task, "
         "training images light and exemplars deep, from the checkpoints, without retraining) and "
@@ -718,6 +752,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device for feature extraction (default auto: cuda if visible)")
     p.add_argument("--seed", type=int, default=0, help="t-SNE random state (default 0)")
+    p.add_argument("--ddof", type=int, default=STD_DDOF, choices=[0, 1],
+                   help="std over seeds: 1 = sample std (default), 0 = population std, as the study reported")
     p.set_defaults(func=cmd_report)
 
 
@@ -734,7 +770,7 @@ def cmd_report(args) -> int:
                           draw_tsne=not args.no_tsne, tsne_at=tasks or TSNE_TASKS, tsne_classes=args.tsne_classes,
                           exemplars=args.exemplars, exemplar_task=args.exemplar_task,
                           exemplars_per_class=args.exemplars_per_class, exemplar_classes=args.exemplar_classes,
-                          device=args.device, seed=args.seed)
+                          device=args.device, seed=args.seed, ddof=args.ddof)
     except ReportError as e:
         raise ConfigError(str(e)) from None
     print_summary(rep)
