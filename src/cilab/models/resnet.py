@@ -31,11 +31,16 @@ class Outputs(NamedTuple):
 
     logits: torch.Tensor
     features: torch.Tensor
+    # The stage outputs (B x C x H x W each), only when the model's
+    # ``return_stages`` is set (PODNet): empty by default, so the plain step
+    # neither keeps nor passes them.
+    stages: tuple = ()
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, relu: bool = True):
         super().__init__()
+        self.relu = relu  # False: the block's output is the residual sum, unrectified (LUCIR's last block)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -50,11 +55,23 @@ class BasicBlock(nn.Module):
         if self.stride != 1 or self.pad:
             shortcut = x[:, :, :: self.stride, :: self.stride]
             shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+        out = out + shortcut
+        return F.relu(out) if self.relu else out
 
 
 class ResNetCifar(nn.Module):
-    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
+    """``last_relu=False`` drops the ReLU after the last block (``model.last_relu``), so
+    features can be negative, as LUCIR and PODNet want for their cosine classifiers.
+
+    ``stages(x)`` gives the output map of each stage (for PODNet's spatial
+    distillation, t-SNE and feature plots); with ``return_stages`` set, the
+    training forward ``model(x, with_features=True)`` returns them in
+    ``Outputs.stages`` too. Off by default: the plain step keeps nothing extra.
+    """
+
+    return_stages: bool = False
+
+    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -63,7 +80,10 @@ class ResNetCifar(nn.Module):
             for j in range(blocks_per_stage):
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
-        self.layers = nn.Sequential(*layers)
+        layers[-1].relu = last_relu
+        self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
+        # index one past the last block of each stage, into self.layers
+        self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
         self.feature_dim = cin
         self.head = nn.Linear(cin, num_classes)
         for m in self.modules():
@@ -76,22 +96,39 @@ class ResNetCifar(nn.Module):
         x = self.layers(x)
         return x.mean(dim=(2, 3))
 
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (normalised) -> the output map of each stage (B x C x H x W), first to last.
+
+        The last map, averaged over its positions, is ``features(x)``.
+        """
+        x = F.relu(self.bn1(self.conv1(x)))
+        maps, start = [], 0
+        for end in self.stage_ends:
+            x = self.layers[start:end](x)
+            maps.append(x)
+            start = end
+        return maps
+
     def forward(self, x: torch.Tensor, with_features: bool = False):
+        if self.return_stages and with_features:
+            maps = self.stages(x)
+            f = maps[-1].mean(dim=(2, 3))
+            return Outputs(self.head(f), f, tuple(maps))
         f = self.features(x)
         z = self.head(f)
         return Outputs(z, f) if with_features else z
 
 
 @MODELS.register("resnet32")
-def resnet32(num_classes: int) -> ResNetCifar:
-    return ResNetCifar(5, num_classes)
+def resnet32(num_classes: int, last_relu: bool = True) -> ResNetCifar:
+    return ResNetCifar(5, num_classes, last_relu=last_relu)
 
 
 @MODELS.register("resnet20")
-def resnet20(num_classes: int) -> ResNetCifar:
-    return ResNetCifar(3, num_classes)
+def resnet20(num_classes: int, last_relu: bool = True) -> ResNetCifar:
+    return ResNetCifar(3, num_classes, last_relu=last_relu)
 
 
 def create_model(cfg, num_classes: int) -> nn.Module:
     """``cfg`` is the ``model`` section."""
-    return MODELS[cfg.name](num_classes)
+    return MODELS[cfg.name](num_classes, last_relu=cfg.last_relu)
