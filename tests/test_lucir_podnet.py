@@ -179,6 +179,11 @@ def test_runs_a_b50_split_on_digits_with_balanced_finetuning(method, tmp_path):
     rows = 4 * (1 if method == "lucir" else 3)  # the first task's classes (times the proxies)
     # LUCIR holds the old rows fixed while the task trains; its balanced fine-tuning then moves them
     assert not torch.equal(heads[0][:rows], heads[1][:rows])
+    # the report (t-SNE) rebuilds the method's network and the B50 class order from the run folder
+    from cilab.report import RunState, load_run
+
+    model, _ = RunState(load_run(out), "cpu", {}).load(2)
+    assert type(model.head) is type(experiment.METHODS[method]().build_model(build_config(method).model, 10).head)
 
 
 @pytest.mark.parametrize("method", ["lucir", "podnet"])
@@ -210,3 +215,17 @@ def test_b0_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_p
         for t in range(1, 5):
             assert torch.equal(heads[t][: 2 * t], heads[t - 1][: 2 * t]), t  # old rows bit for bit
             assert not torch.equal(heads[t][2 * t: 2 * t + 2], heads[t - 1][2 * t: 2 * t + 2])  # new rows trained
+
+
+def test_presets_and_the_strong_baselines_group():
+    from cilab.reproduce import load_groups
+
+    for name in ("lucir", "podnet"):
+        cfg = build_config(name)
+        assert (cfg.method, cfg.memory.size, cfg.model.last_relu, cfg.train.lr) == (name, 2000, False, 0.1)
+    runs = load_groups()["strong-baselines"]["runs"]
+    got = {(r["preset"], r.get("tag")): (r["seeds"], r.get("overrides", [])) for r in runs}
+    b50 = ["scenario.num_tasks=11", "scenario.first_task_classes=50"]
+    for name in ("lucir", "podnet"):
+        assert got[(name, None)] == ([0, 1, 2], [])
+        assert got[(name, "b50")] == ([0, 1, 2], b50)

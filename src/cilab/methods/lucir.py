@@ -42,9 +42,9 @@ new classes than ``K``, all its new classes are the hard negatives.
 
 The paper's CIFAR-100 figures (ResNet-32, average incremental accuracy, CNN
 classifier), for a user with CIFAR-100 and a GPU to check:
-  B50, 10 steps of 5 classes:  about 61.2 %  (PODNet's Table 1 re-run reports 61.22; LUCIR's own
-                               Table reports about 60-61 %; uncertain to +-1)
-  B50, 5 steps of 10 classes:  about 63-64 % (PODNet's Table 1: 64.01; uncertain)
+  B50, 10 steps of 5 classes:  about 61.2 % (PODNet's Table 1 lists 61.22 for UCIR-CNN; LUCIR's own
+                               figure legends give about the same: uncertain to +-1)
+  B50, 5 steps of 10 classes:  about 64.0 % (PODNet's Table 1: 64.01; uncertain)
   B0, 10 steps of 10 classes:  not in the paper; DER (Yan et al. CVPR 2021, Table 1) reports
                                58.66 % average, 43.39 % last (uncertain to +-1)
 """
