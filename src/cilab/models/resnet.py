@@ -24,7 +24,8 @@ MODELS: Registry = Registry("model")
 class Outputs(NamedTuple):
     """What ``model(x, with_features=True)`` gives a loss: logits (B x O) and the features the head reads (B x D).
 
-    Every backbone follows this contract (``features(x)``, ``head``, and
+    Every backbone follows this contract (``features(x)``, ``stages(x)``,
+    ``head``, ``feature_dim``, the ``return_stages`` flag and
     ``forward(x, with_features)``), so every method, classifier and memory
     builder works on any of them.
     """
