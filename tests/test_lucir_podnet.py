@@ -13,7 +13,8 @@ from cilab.methods.lucir import (CosineHead, imprint, less_forget_loss, less_for
                                  margin_ranking_loss)
 from cilab.methods.podnet import (LocalSimilarityHead, nca_loss, pod_embedding, pod_flat_loss,
                                   pod_spatial_loss)
-from cilab.models import Outputs, create_model
+from cilab.models import create_model
+from cilab.results import load_checkpoint
 
 # resnet20 and one epoch: the run tests must stay cheap on a shared CPU
 B0 = ["model.name=resnet20", "data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
@@ -174,7 +175,7 @@ def test_runs_a_b50_split_on_digits_with_balanced_finetuning(method, tmp_path):
     m = experiment.run(build_config(method, B50 + FAST[method]), out, progress=False)
     assert m["status"] == "complete"
     assert m["classes_seen"] == [4, 6, 8, 10] and [len(t) for t in m["tasks"]] == [4, 2, 2, 2]
-    heads = [torch.load(out / "checkpoints" / f"task_{t:02d}.pt", weights_only=True)["model"]["head.weight"]
+    heads = [load_checkpoint(out / "checkpoints" / f"task_{t:02d}.pt")["model"]["head.weight"]
              for t in (1, 2)]
     rows = 4 * (1 if method == "lucir" else 3)  # the first task's classes (times the proxies)
     # LUCIR holds the old rows fixed while the task trains; its balanced fine-tuning then moves them
@@ -206,11 +207,11 @@ def test_b0_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_p
     resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
     for c in whole["classifiers"]:
         assert resumed[c]["accuracy_matrix"] == whole[c]["accuracy_matrix"], c
-    final = [torch.load(tmp_path / d / "checkpoints" / "task_05.pt", weights_only=True)["model"] for d in ("whole", "cut")]
+    final = [load_checkpoint(tmp_path / d / "checkpoints" / "task_05.pt")["model"] for d in ("whole", "cut")]
     for k, v in final[0].items():
         assert torch.equal(v, final[1][k]), k
     if method == "lucir":
-        heads = [torch.load(tmp_path / "whole" / "checkpoints" / f"task_{t:02d}.pt", weights_only=True)["model"]
+        heads = [load_checkpoint(tmp_path / "whole" / "checkpoints" / f"task_{t:02d}.pt")["model"]
                  ["head.weight"] for t in range(1, 6)]
         for t in range(1, 5):
             assert torch.equal(heads[t][: 2 * t], heads[t - 1][: 2 * t]), t  # old rows bit for bit
