@@ -150,8 +150,9 @@ class LUCIR(Method):
             if not a[key] > 0:
                 raise ConfigError(f"'method_args.{key}' must be > 0, got {a[key]!r}")
 
-    def build_model(self, model_cfg, num_classes: int) -> nn.Module:
-        model = super().build_model(model_cfg, num_classes)
+    def build_model(self, model_cfg, num_classes: int, *args, **kwargs) -> nn.Module:
+        # *args / **kwargs: passed on as they come (main adds image_size), so this survives the merge
+        model = super().build_model(model_cfg, num_classes, *args, **kwargs)
         model.head = CosineHead(model.feature_dim, num_classes, self.args.sigma_init)
         return model
 

@@ -145,8 +145,9 @@ class PODNet(Method):
             if not a[key] >= 0:
                 raise ConfigError(f"'method_args.{key}' must be >= 0, got {a[key]!r}")
 
-    def build_model(self, model_cfg, num_classes: int) -> nn.Module:
-        model = super().build_model(model_cfg, num_classes)
+    def build_model(self, model_cfg, num_classes: int, *args, **kwargs) -> nn.Module:
+        # *args / **kwargs: passed on as they come (main adds image_size), so this survives the merge
+        model = super().build_model(model_cfg, num_classes, *args, **kwargs)
         if not hasattr(model, "stages"):
             raise ConfigError(f"podnet needs a backbone with stage outputs (model.stages); model.name="
                               f"{model_cfg.name} has none")
