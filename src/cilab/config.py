@@ -52,6 +52,7 @@ class ScenarioConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet32"
+    last_relu: bool = True  # false: no ReLU after the last block (LUCIR, PODNet: signed features for cosine heads)
 
 
 @dataclass

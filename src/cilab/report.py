@@ -438,7 +438,7 @@ class RunState:
             datasets[key] = load_dataset(self.cfg.data)
         data = datasets[key]
         self.scenario = Scenario.from_seed(data.num_classes, self.cfg.scenario.num_tasks, self.cfg.seed,
-                                           data.class_names)
+                                           data.class_names, self.cfg.scenario.first_task_classes)
         if run.metrics and run.metrics.get("class_order") not in (None, self.scenario.class_order):
             raise ReportError(f"{run.path}: the class order rebuilt from config.yaml differs from metrics.json's")
         mean, std = data.mean_std()  # the train split's statistics, as in training
@@ -449,7 +449,7 @@ class RunState:
 
     def load(self, task: int):
         """(model in eval mode, memory per_class dict) after task ``task`` (1-based)."""
-        from .models import create_model
+        from .methods import METHODS
 
         path = results.checkpoint_path(self.run.path, task - 1)
         if not path.exists():
@@ -457,7 +457,10 @@ class RunState:
         state = results.load_checkpoint(path)
         if state.get("class_order") not in (None, self.scenario.class_order):
             raise ReportError(f"{path}: its class order differs from the one rebuilt from config.yaml")
-        model = create_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
+        # the method builds the network: LUCIR's and PODNet's heads are not the linear one
+        method = METHODS[self.cfg.method]
+        model = method(method.parse_args(self.cfg.method_args)).build_model(
+            self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
         model.load_state_dict(state["model"])
         model.to(self.device).eval()
         per_class = {int(c): x for c, x in state["memory"]["per_class"].items()}

@@ -27,13 +27,18 @@ MODELS: Registry = Registry("model")
 class Outputs(NamedTuple):
     """What ``model(x, with_features=True)`` gives a loss: logits (B x O) and the features the head reads (B x D).
 
-    Every backbone follows this contract (``features(x)``, ``head``, and
+    Every backbone follows this contract (``features(x)``, ``stages(x)``,
+    ``head``, ``feature_dim``, the ``return_stages`` flag and
     ``forward(x, with_features)``), so every method, classifier and memory
     builder works on any of them.
     """
 
     logits: torch.Tensor
     features: torch.Tensor
+    # The stage outputs (B x C x H x W each), only when the model's
+    # ``return_stages`` is set (PODNet): empty by default, so the plain step
+    # neither keeps nor passes them.
+    stages: tuple = ()
 
 
 class Backbone(nn.Module):
@@ -54,8 +59,9 @@ class Backbone(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, relu: bool = True):
         super().__init__()
+        self.relu = relu  # False: the block's output is the residual sum, unrectified (LUCIR's last block)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -70,11 +76,23 @@ class BasicBlock(nn.Module):
         if self.stride != 1 or self.pad:
             shortcut = x[:, :, :: self.stride, :: self.stride]
             shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + shortcut)
+        out = out + shortcut
+        return F.relu(out) if self.relu else out
 
 
 class ResNetCifar(Backbone):
-    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
+    """``last_relu=False`` drops the ReLU after the last block (``model.last_relu``), so
+    features can be negative, as LUCIR and PODNet want for their cosine classifiers.
+
+    ``stages(x)`` gives the output map of each stage (for PODNet's spatial
+    distillation, t-SNE and feature plots); with ``return_stages`` set, the
+    training forward ``model(x, with_features=True)`` returns them in
+    ``Outputs.stages`` too. Off by default: the plain step keeps nothing extra.
+    """
+
+    return_stages: bool = False
+
+    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -83,7 +101,10 @@ class ResNetCifar(Backbone):
             for j in range(blocks_per_stage):
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
-        self.layers = nn.Sequential(*layers)
+        layers[-1].relu = last_relu
+        self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
+        # index one past the last block of each stage, into self.layers
+        self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
         self.feature_dim = cin
         self.head = nn.Linear(cin, num_classes)
         for m in self.modules():
@@ -96,33 +117,60 @@ class ResNetCifar(Backbone):
         x = self.layers(x)
         return x.mean(dim=(2, 3))
 
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (normalised) -> the output map of each stage (B x C x H x W), first to last.
+
+        The last map, averaged over its positions, is ``features(x)``.
+        """
+        x = F.relu(self.bn1(self.conv1(x)))
+        maps, start = [], 0
+        for end in self.stage_ends:
+            x = self.layers[start:end](x)
+            maps.append(x)
+            start = end
+        return maps
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        if self.return_stages and with_features:
+            maps = self.stages(x)
+            f = maps[-1].mean(dim=(2, 3))
+            return Outputs(self.head(f), f, tuple(maps))
+        f = self.features(x)
+        z = self.head(f)
+        return Outputs(z, f) if with_features else z
+
+
 
 @MODELS.register("resnet32")
-def resnet32(num_classes: int, image_size: int = 32) -> ResNetCifar:
-    return ResNetCifar(5, num_classes)
+def resnet32(num_classes: int, image_size: int = 32, last_relu: bool = True) -> ResNetCifar:
+    return ResNetCifar(5, num_classes, last_relu=last_relu)
 
 
 @MODELS.register("resnet20")
-def resnet20(num_classes: int, image_size: int = 32) -> ResNetCifar:
-    return ResNetCifar(3, num_classes)
+def resnet20(num_classes: int, image_size: int = 32, last_relu: bool = True) -> ResNetCifar:
+    return ResNetCifar(3, num_classes, last_relu=last_relu)
 
 
 # Two stride-2 stages: below 4x4 the last stage would see padding only.
 resnet32.min_image_size = resnet20.min_image_size = 4
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
-    """``MODELS[name]`` called as ``(num_classes, image_size=...)``, or ``(num_classes)`` where the
-    factory takes no ``image_size`` (a user's backbone made for one size)."""
+def build_model(name: str, num_classes: int, image_size: int = 32, last_relu: bool = True) -> nn.Module:
+    """``MODELS[name]`` called as ``(num_classes, image_size=..., last_relu=...)``, passing only the
+    options the factory takes (a user's backbone made for one size takes neither)."""
     factory = MODELS[name]
-    if "image_size" in inspect.signature(factory).parameters:
-        return factory(num_classes, image_size=image_size)
-    return factory(num_classes)
+    params = inspect.signature(factory).parameters
+    kwargs = {"image_size": image_size} if "image_size" in params else {}
+    if "last_relu" in params:
+        kwargs["last_relu"] = last_relu
+    elif not last_relu:
+        raise ValueError(f"model.name={name} has no last_relu option; leave model.last_relu=true")
+    return factory(num_classes, **kwargs)
 
 
 def create_model(cfg, num_classes: int, image_size: int = 32) -> nn.Module:
     """``cfg`` is the ``model`` section; ``image_size`` the side of the (square) input images."""
-    return build_model(cfg.name, num_classes, image_size)
+    return build_model(cfg.name, num_classes, image_size, cfg.last_relu)
 
 
 def check_image_size(name: str, image_size: int) -> str | None:

@@ -1,0 +1,36 @@
+"""Class-balanced fine-tuning of the classifier, a second stage on the one loop (LUCIR, PODNet).
+
+After the memory update the exemplars hold the same number of images for
+every seen class; training only the head on them removes the bias towards the
+new classes that the imbalanced task data left. This module registers no method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .base import TaskContext
+
+
+def finetune_head(ctx: TaskContext, loss: Callable, epochs: int, lr: float) -> int:
+    """Train ``ctx.model.head`` alone for ``epochs`` at constant ``lr`` on the exemplars; returns images seen.
+
+    The backbone's BatchNorm statistics are put back afterwards: the loop runs
+    the network in train mode, and a head-only stage must not move the
+    features the test images are classified on (PODNet's code fine-tunes with
+    the BatchNorm statistics frozen too).
+    """
+    x, y = ctx.memory.data(ctx.device)
+    if epochs <= 0 or len(y) == 0:
+        return 0
+    cfg = dataclasses.replace(ctx.train_cfg, epochs=epochs, lr=lr, milestones=[], val_split=0.0, keep_best=False)
+    buffers = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
+    images = ctx.train(x, y, loss=loss, parameters=ctx.model.head.parameters(), train_cfg=cfg, old_model=None,
+                       desc=f"task {ctx.t + 1} balanced fine-tuning")
+    with torch.no_grad():
+        for n, b in ctx.model.named_buffers():
+            b.copy_(buffers[n])
+    return images
