@@ -53,11 +53,17 @@ class Normalizer:
 
 
 class BatchLoader:
-    """Iterates seeded, shuffled, augmented, normalised batches of (x, y)."""
+    """Iterates seeded, shuffled, augmented, normalised batches of (x, y), or (x, y, *per_sample).
+
+    ``per_sample``: further tensors with one row per image (DER++'s stored
+    logits), cut into the same batches, unaugmented.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, normalizer: Normalizer,
-                 augment: bool, generator: torch.Generator, channels_last: bool = False):
+                 augment: bool, generator: torch.Generator, channels_last: bool = False,
+                 per_sample: tuple[torch.Tensor, ...] = ()):
         self.x, self.y = x, y
+        self.per_sample = tuple(per_sample)
         self.batch_size = batch_size
         self.normalizer = normalizer
         self.augment = augment
@@ -74,4 +80,5 @@ class BatchLoader:
             xb = self.x[idx]
             if self.augment:
                 xb = augment_batch(xb, self.generator)
-            yield self.normalizer(xb).contiguous(memory_format=self.memory_format), self.y[idx]
+            yield (self.normalizer(xb).contiguous(memory_format=self.memory_format), self.y[idx],
+                   *(t[idx] for t in self.per_sample))
