@@ -29,7 +29,7 @@ B50 = SMALL + ["scenario.num_tasks=3", "scenario.first_task_classes=4"]  # 4 dig
 
 
 def _ckpt(out, t):
-    return torch.load(out / "checkpoints" / f"task_{t:02d}.pt", weights_only=True)
+    return torch.load(out / "checkpoints" / f"task_{t:02d}.pt", map_location="cpu", weights_only=False)
 
 
 # -- the API: per-sample tensors --------------------------------------------------------------
