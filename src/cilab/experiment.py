@@ -266,11 +266,11 @@ class Protocol:
         state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
         if state.get("class_order") != self.scenario.class_order or task >= self.scenario.num_tasks:
             raise RunFolderError(f"cannot resume from {path}: it was made for another class order or task split")
-        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state.get("method", {}))
+        self.method.load_model(self.model, state["model"])  # a grown network (DER) grows back first
         self.memory = ExemplarMemory.from_state_dict(state["memory"], self.device)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.method.load_state_dict(state.get("method", {}))
         self.metrics = state["metrics"]
         self.confusion = {k: v.numpy() for k, v in state["confusion"].items()}
         self._saved_metrics = copy.deepcopy(self.metrics)
@@ -342,7 +342,7 @@ class Protocol:
             data=self.class_data, features=self.features, normalize=self.normalize, train=None,
             new_model=self.new_model, log=self.log,
         )
-        ctx.train = lambda x, y, **kw: self.train_on(ctx, x, y, **kw)
+        ctx.train = lambda x, y, *per_sample, **kw: self.train_on(ctx, x, y, *per_sample, **kw)
         return ctx
 
     def class_data(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,9 +353,12 @@ class Protocol:
     def new_model(self) -> torch.nn.Module:
         return self.method.build_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
 
-    def train_on(self, ctx: TaskContext, x: torch.Tensor, y: torch.Tensor, *, loss=None, parameters=None,
-                 train_cfg=None, old_model=_TASK_OLD_MODEL, desc: str | None = None) -> int:
+    def train_on(self, ctx: TaskContext, x: torch.Tensor, y: torch.Tensor, *per_sample: torch.Tensor, loss=None,
+                 parameters=None, train_cfg=None, old_model=_TASK_OLD_MODEL, desc: str | None = None) -> int:
         """The one loop on (x, y) for a method's hook; returns the images trained on.
+
+        ``per_sample``: further tensors, one row per image (DER++'s stored
+        logits), batched alongside and passed to the loss after ``old``.
 
         Defaults: the method's loss and parameters, the task's ``train``
         settings and old model. ``train.val_split`` holds out part of (x, y),
@@ -364,13 +367,13 @@ class Protocol:
         """
         train_cfg = ctx.train_cfg if train_cfg is None else train_cfg
         old_model = ctx.old_model if old_model is _TASK_OLD_MODEL else old_model
-        loss_fn = loss or (lambda xb, yb, out, old: self.method.loss(xb, yb, out, old, ctx))
+        loss_fn = loss or (lambda xb, yb, out, old, *ps: self.method.loss(xb, yb, out, old, ctx, *ps))
         params = list(self.method.parameters(ctx) if parameters is None else parameters)
         graphs = self.rt.graphs if self.method.graph_safe else "off"
         after_step = None if self.method.after_step is None else (lambda: self.method.after_step(ctx))
-        x, y, keeper = self._validation(x, y, train_cfg, ctx.n_seen)
+        x, y, per_sample, keeper = self._validation(x, y, per_sample, train_cfg, ctx.n_seen)
         loader = BatchLoader(x, y, train_cfg.batch_size, self.normalizer, train_cfg.augment, self.generator,
-                             self.rt.channels_last)
+                             self.rt.channels_last, per_sample=per_sample)
         steps_before = self.metrics.setdefault("train_steps", 0)  # the loss's x axis runs on over tasks and stages
         images = train_task(self.train_model, loader, train_cfg, loss_fn, old_model, ctx.t, self.device, self.rt.amp,
                             self.progress, self.position, graphs=graphs, params=params, after_step=after_step,
@@ -381,16 +384,18 @@ class Protocol:
             keeper.restore()
         return images
 
-    def _validation(self, x, y, train_cfg, n_seen):
-        """Split off ``train.val_split`` of (x, y), drawn from the run's generator; (x, y, BestEpoch or None)."""
+    def _validation(self, x, y, per_sample, train_cfg, n_seen):
+        """Split off ``train.val_split`` of (x, y), drawn from the run's generator; (x, y, per_sample, BestEpoch or None)."""
         if train_cfg.val_split <= 0:
-            return x, y, None
+            return x, y, per_sample, None
         perm = torch.randperm(len(y), device=y.device, generator=self.generator)
         n_val = max(1, round(train_cfg.val_split * len(y)))
         val, keep = perm[:n_val], perm[n_val:]
+        per_sample = tuple(t[keep] for t in per_sample)
+        on_x = lambda i: i.to(x.device)  # noqa: E731  (x may be in host memory)
         if not train_cfg.keep_best:
-            return x[keep], y[keep], None
-        return x[keep], y[keep], BestEpoch(self, x[val], y[val], n_seen)
+            return x[on_x(keep)], y[keep], per_sample, None
+        return x[on_x(keep)], y[keep], per_sample, BestEpoch(self, x[on_x(val)], y[val], n_seen)
 
     def run_task(self, t: int) -> None:
         cfg, sc = self.cfg, self.scenario
@@ -400,12 +405,12 @@ class Protocol:
         # 1-2. train
         ctx = self.task_context(t)
         self.method.before_task(ctx)
-        x, y = self.method.training_data(ctx)
+        data = self.method.training_data(ctx)  # (x, y) or (x, y, *per_sample)
         if self.method.uses_old_model(ctx):
             ctx.old_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        images = ctx.train(x, y)
+        images = ctx.train(*data)
         self.method.after_train(ctx)
-        del x, y
+        del data
         ctx.old_model = None
         _sync(self.device)
         t1 = time.perf_counter()

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .losses import Criterion
 
-# loss(x, y, out, old_out) -> scalar tensor; out / old_out are ``methods.Outputs`` (logits, features)
+# loss(x, y, out, old_out, *per_sample) -> scalar tensor; out / old_out are ``methods.Outputs`` (logits,
+# features); per_sample: the batch's rows of the extra per-image tensors the training data came with, if any
 LossFn = Callable[[torch.Tensor, torch.Tensor, tuple, "tuple | None"], torch.Tensor]
 
 
@@ -102,13 +103,13 @@ def train_task(model: torch.nn.Module, loader, cfg, loss: "Criterion | LossFn", 
         for epoch in range(cfg.epochs):
             loss_sum = torch.zeros((), device=device)
             seen, last_read = 0, 0
-            for i, (x, y) in enumerate(loader, 1):
+            for i, batch in enumerate(loader, 1):  # (x, y) or (x, y, *per_sample)
                 # A graphed step returns its static loss tensor, overwritten by
                 # the next replay: it is added here, before the next step.
-                loss_sum += step(x, y).detach() * len(y)
+                loss_sum += step(*batch).detach() * len(batch[1])
                 if after_step is not None:
                     after_step()
-                seen += len(y)
+                seen += len(batch[1])
                 if i in read_at:
                     value = (loss_sum / seen).item()  # the only host sync: a few per epoch
                     if not math.isfinite(value):
@@ -151,7 +152,7 @@ def make_step(model, opt, loss_fn: LossFn, old_model, autocast) -> Callable[[tor
     memory pool, where they stay put for every replay.
     """
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor, y: torch.Tensor, *per_sample: torch.Tensor) -> torch.Tensor:
         with autocast:
             out = model(x, with_features=True)
             if old_model is not None:
@@ -159,7 +160,7 @@ def make_step(model, opt, loss_fn: LossFn, old_model, autocast) -> Callable[[tor
                     old = old_model(x, with_features=True)
             else:
                 old = None
-        loss = loss_fn(x, y, out, old)
+        loss = loss_fn(x, y, out, old, *per_sample)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -249,33 +250,34 @@ class GraphedStep:
         self.eager_steps: Counter = Counter()
         self.failed = False  # a capture failed in "try" mode: eager from then on
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *per_sample: torch.Tensor) -> torch.Tensor:
+        inputs = (x, y, *per_sample)  # per-sample tensors (DER++'s stored logits) are static inputs too
         if self.failed:
-            return self.step(x, y)
+            return self.step(*inputs)
         lrs = tuple(group["lr"] for group in self.opt.param_groups)
         if lrs != self.lrs:
             self.graphs.clear()  # captured with the old learning rate
             self.lrs = lrs
-        key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype)
+        key = tuple((tuple(t.shape), t.stride(), t.dtype) for t in inputs)
         graph = self.graphs.get(key)
         if graph is None:
             if self.eager_steps[key] < self.warmup:
                 self.eager_steps[key] += 1
                 with self.backend.warmup():
-                    return self.step(x, y)
-            graph = self._capture(key, x, y)
+                    return self.step(*inputs)
+            graph = self._capture(key, inputs)
             if graph is None:
-                return self.step(x, y)
-        replay, static_x, static_y, static_loss = graph
-        static_x.copy_(x)
-        static_y.copy_(y)
+                return self.step(*inputs)
+        replay, static_inputs, static_loss = graph
+        for static, t in zip(static_inputs, inputs):
+            static.copy_(t)
         replay()
         return static_loss
 
-    def _capture(self, key, x, y):
-        static_x, static_y = x.clone(), y.clone()  # clone keeps the memory format (channels_last)
+    def _capture(self, key, inputs):
+        static_inputs = tuple(t.clone() for t in inputs)  # clone keeps the memory format (channels_last)
         try:
-            replay, static_loss = self.backend.capture(lambda: self.step(static_x, static_y))
+            replay, static_loss = self.backend.capture(lambda: self.step(*static_inputs))
         except Exception as e:
             if self.strict:
                 raise GraphCaptureError(
@@ -290,5 +292,5 @@ class GraphedStep:
             # so far, whose losses keep autograd nodes of the side stream alive.
             self.graphs.clear()
             return None
-        self.graphs[key] = (replay, static_x, static_y, static_loss)
+        self.graphs[key] = (replay, static_inputs, static_loss)
         return self.graphs[key]

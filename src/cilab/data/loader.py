@@ -53,7 +53,7 @@ class Normalizer:
 
 
 class BatchLoader:
-    """Iterates seeded, shuffled, augmented, normalised batches of (x, y).
+    """Iterates seeded, shuffled, augmented, normalised batches of (x, y), or (x, y, *per_sample).
 
     The labels ``y`` live on the training device. The images ``x`` normally do
     too; when they are kept in host memory instead (``data.placement``, a
@@ -62,11 +62,16 @@ class BatchLoader:
     so the host gathers batch k+1 while batch k is copied and trained on.
     The shuffle and the augmentation draw from the same generator on the same
     device either way, so both placements train on the same batches.
+
+    ``per_sample``: further tensors with one row per image, on the labels'
+    device (DER++'s stored logits), cut into the same batches, unaugmented.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, normalizer: Normalizer,
-                 augment: bool, generator: torch.Generator, channels_last: bool = False, stage: bool | None = None):
+                 augment: bool, generator: torch.Generator, channels_last: bool = False, stage: bool | None = None,
+                 per_sample: tuple[torch.Tensor, ...] = ()):
         self.x, self.y = x, y
+        self.per_sample = tuple(per_sample)
         self.batch_size = batch_size
         self.normalizer = normalizer
         self.augment = augment
@@ -85,7 +90,8 @@ class BatchLoader:
             xb = next(batches) if batches is not None else self.x[idx]
             if self.augment:
                 xb = augment_batch(xb, self.generator)
-            yield self.normalizer(xb).contiguous(memory_format=self.memory_format), self.y[idx]
+            yield (self.normalizer(xb).contiguous(memory_format=self.memory_format), self.y[idx],
+                   *(t[idx] for t in self.per_sample))
 
 
 def _staged_batches(x: torch.Tensor, perm: torch.Tensor, batch_size: int, device: torch.device):

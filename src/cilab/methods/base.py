@@ -6,13 +6,17 @@ registered with ``@register("name")``; it overrides only the hooks it changes.
 
     ctx = TaskContext(...)                # task index, class counts, model, memory, runtime, ...
     method.before_task(ctx)               # grow or re-initialise the network (joint, DER, LUCIR)
-    x, y = method.training_data(ctx)      # default: task t's images + the exemplars
+    x, y, *ps = method.training_data(ctx) # default: task t's images + the exemplars (+ per-sample tensors)
     ctx.old_model                         # frozen copy of the previous model, if method.uses_old_model(ctx)
-    ctx.train(x, y)                       # THE loop, with method.loss / parameters / after_step
+    ctx.train(x, y, *ps)                  # THE loop, with method.loss / parameters / after_step
     method.after_train(ctx)               # WA aligns weights, EWC estimates its Fisher, BiC stage 2
     memory update (memory.* config)       # exemplars of the new classes, old ones cut to K / n
     method.after_memory(ctx)
     evaluation; checkpoint with method.state_dict()
+
+On resume, ``method.load_state_dict`` then ``method.load_model(model, weights)``
+run on the freshly built network, so a method whose network grows (DER) grows
+it back to the checkpoint's shape before the weights are loaded.
 
 Losses are plain tensor functions of the batch and the model outputs (no
 host reads, no branching on values), so the CUDA-graph step can capture them.
@@ -71,7 +75,7 @@ class TaskContext:
     data: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # data(lo, hi): training images of outputs [lo, hi)
     features: Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> fp32 features of ctx.model, eval mode
     normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> the network's input (no augmentation)
-    train: Callable[..., int]  # train(x, y, **kw): the one loop, see Protocol.train_on
+    train: Callable[..., int]  # train(x, y, *per_sample, **kw): the one loop, see Protocol.train_on
     new_model: Callable[[], torch.nn.Module]  # a freshly initialised network of the run's config (CPU)
     log: Callable[[str], None]
     old_model: torch.nn.Module | None = None
@@ -146,8 +150,13 @@ class Method:
     def before_task(self, ctx: TaskContext) -> None:
         """Change the network before task t trains (grow it, re-initialise it, imprint weights)."""
 
-    def training_data(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The uint8 images and labels task t trains on: its own classes plus the exemplars."""
+    def training_data(self, ctx: TaskContext) -> tuple[torch.Tensor, ...]:
+        """The uint8 images and labels task t trains on: its own classes plus the exemplars.
+
+        A method may return further tensors with one row per image, ``(x, y, *per_sample)``
+        (DER++: each exemplar's stored logits): they are shuffled and batched with the
+        images and each batch's rows reach ``loss`` after ``old``.
+        """
         x, y = ctx.data(ctx.n_old, ctx.n_seen)
         if len(ctx.memory):
             mx, my = ctx.memory.data(ctx.device)
@@ -163,8 +172,11 @@ class Method:
         return ctx.model.parameters()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, out: Outputs, old: Outputs | None,
-             ctx: TaskContext) -> torch.Tensor:
-        """The training loss of one batch: the ``loss`` section's classification + distillation."""
+             ctx: TaskContext, *per_sample: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch: the ``loss`` section's classification + distillation.
+
+        ``per_sample``: the batch's rows of the tensors ``training_data`` returned after (x, y).
+        """
         return ctx.criterion(out.logits, y, None if old is None else old.logits)
 
     # ``after_step(self, ctx)``: define it to run after every SGD step (e.g. WA's weight
@@ -183,3 +195,12 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def load_model(self, model: torch.nn.Module, weights: dict) -> None:
+        """Resume: load a checkpoint's weights into the freshly built ``model``.
+
+        Runs after ``load_state_dict``. A method whose network changes shape
+        during the run (DER adds an extractor per task) first brings ``model``
+        to the saved shape.
+        """
+        model.load_state_dict(weights)

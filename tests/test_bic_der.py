@@ -1,0 +1,266 @@
+"""BiC, DER and DER++ (issue 18), and the two API additions they need:
+per-sample tensors beside the training images (DER++'s stored logits) and
+``Method.load_model`` (DER's grown network on resume).
+
+Tiny runs on the bundled digits (10 classes), ResNet-20, on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cilab import experiment
+from cilab.config import build_config
+from cilab.data.loader import BatchLoader, Normalizer
+from cilab.methods import TaskContext
+from cilab.methods.bic import BiC, fit_affine
+from cilab.methods.derpp import DERpp, DERppArgs
+from cilab.models import Outputs
+from cilab.trainer import GraphedStep, build_step
+
+SMALL = ["data.name=digits", "train.epochs=1", "train.milestones=[]", "train.batch_size=128",
+         "model.name=resnet20", "memory.size=40", "eval.classifiers=[fc,nme]"]
+B0 = SMALL + ["scenario.num_tasks=2"]  # 2 tasks of 5 digits (the shared 2-core machine is slow: keep runs short)
+B50 = SMALL + ["scenario.num_tasks=3", "scenario.first_task_classes=4"]  # 4 digits, then 2 tasks of 3
+
+
+def _ckpt(out, t):
+    return torch.load(out / "checkpoints" / f"task_{t:02d}.pt", map_location="cpu", weights_only=False)
+
+
+# -- the API: per-sample tensors --------------------------------------------------------------
+
+
+def test_per_sample_tensors_are_batched_with_their_images():
+    # image i is filled with the value i, its label is i and its per-sample row is (10 i, 10 i + 1):
+    # whatever the shuffle, every batch row must still belong to its image
+    n = 20
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    y = torch.arange(n)
+    rows = torch.stack([10.0 * y, 10.0 * y + 1], dim=1)
+    loader = BatchLoader(x, y, 6, Normalizer(torch.zeros(3), torch.ones(3) / 255), augment=False,
+                         generator=torch.Generator().manual_seed(1), per_sample=(rows,))
+    seen = []
+    for xb, yb, rb in loader:
+        assert torch.equal(xb[:, 0, 0, 0], yb.float())
+        assert torch.equal(rb, torch.stack([10.0 * yb, 10.0 * yb + 1], dim=1))
+        seen += yb.tolist()
+    assert sorted(seen) == list(range(n)) and seen != list(range(n))  # all of them, shuffled
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x, with_features=False):
+        f = x.flatten(1)
+        z = self.head(f)
+        return Outputs(z, f) if with_features else z
+
+
+def test_a_graphed_step_copies_the_per_sample_tensors_in_like_the_images():
+    from test_speed_paths import StandInCapture
+
+    torch.manual_seed(0)
+    models = [_Tiny(), _Tiny()]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = build_config("icarl", ["train.lr=0.5"]).train
+
+    def loss(x, y, out, old, target):  # a loss that needs each image's own row
+        return (out.logits - target).pow(2).mean()
+
+    eager, _, _ = build_step(models[0], cfg, loss, None, torch.device("cpu"))
+    step, opt, _ = build_step(models[1], cfg, loss, None, torch.device("cpu"))
+    backend = StandInCapture(models[1], lambda: opt)
+    graphed = GraphedStep(step, opt, backend, strict=True, warmup=1)
+    g = torch.Generator().manual_seed(2)
+    for i in range(4):
+        x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)
+        target = torch.randn(8, 3, generator=g)  # different every batch: a stale copy would show
+        assert torch.equal(eager(x, y, target), graphed(x, y, target)), i
+    assert backend.captures == 1 and backend.replays == 3
+
+
+# -- BiC ----------------------------------------------------------------------------------------
+
+
+def test_bic_stage_2_recovers_a_known_bias_on_the_new_logits():
+    # Labels drawn from softmax(z*); the new classes' logits are seen as 2 z* + 1, so the
+    # maximum-likelihood correction is alpha = 1/2, beta = -1/2 (up to sampling noise).
+    g = torch.Generator().manual_seed(0)
+    z_true = 2 * torch.randn(8000, 4, generator=g)
+    y = torch.multinomial(torch.softmax(z_true, dim=1), 1, generator=g).squeeze(1)
+    new = torch.tensor([False, False, True, True])
+    z_seen = torch.where(new, 2 * z_true + 1, z_true)
+    alpha, beta = fit_affine(z_seen, y, new, steps=800, lr=0.02)
+    assert alpha == pytest.approx(0.5, abs=0.05) and beta == pytest.approx(-0.5, abs=0.1)
+
+
+def _rows(x):
+    return sorted(hash(r.numpy().tobytes()) for r in x.cpu())
+
+
+def test_bic_bias_changes_only_in_stage_2_and_only_from_held_out_data(monkeypatch, tmp_path):
+    trained, stage2, around = [], [], []
+    real_train, real_fit = experiment.Protocol.train_on, BiC.fit_bias
+    full = []
+    real_data = BiC.training_data
+
+    def spy_data(self, ctx):
+        full.append(super(BiC, self).training_data(ctx))
+        return real_data(self, ctx)
+
+    def spy_train(self, ctx, x, y, *a, **k):
+        head = self.model.head
+        before = (head.alpha.clone(), head.beta.clone())
+        trained.append((x, y))
+        images = real_train(self, ctx, x, y, *a, **k)
+        around.append((before, (head.alpha.clone(), head.beta.clone())))
+        return images
+
+    def spy_fit(self, ctx, x, y):
+        stage2.append((x, y))
+        return real_fit(self, ctx, x, y)
+
+    monkeypatch.setattr(BiC, "training_data", spy_data)
+    monkeypatch.setattr(experiment.Protocol, "train_on", spy_train)
+    monkeypatch.setattr(BiC, "fit_bias", spy_fit)
+    out = tmp_path / "bic"
+    m = experiment.run(build_config("bic", B0), out, progress=False)
+    assert m["status"] == "complete" and len(stage2) == 1  # stage 2 from the second task on
+    for before, after in around:  # stage 1 never moves alpha or beta
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    for t, ((xv, yv), (xt, yt), (xf, yf)) in enumerate(zip(stage2, trained[1:], full[1:]), 1):
+        # held out: 10% of each old class's exemplars (40 / 5 = 8 per class: 1), as many per new class
+        assert torch.bincount(yv, minlength=10).tolist() == [1] * 10
+        # stage 1 trains on the rest, stage 2 on the held-out part: together the task's data, no image in both
+        assert _rows(torch.cat([xt, xv])) == _rows(xf) and len(xt) + len(xv) == len(xf)
+    first, second = _ckpt(out, 1)["model"], _ckpt(out, 2)["model"]
+    assert torch.equal(first["head.alpha"], torch.ones(10)) and torch.equal(first["head.beta"], torch.zeros(10))
+    # after task 2: the old classes uncorrected, the 5 new ones share the (alpha, beta) stage 2 fitted
+    assert torch.equal(second["head.alpha"][:5], torch.ones(5)) and torch.equal(second["head.beta"][:5], torch.zeros(5))
+    a, b = second["head.alpha"][5:], second["head.beta"][5:]
+    assert (a == a[0]).all() and (b == b[0]).all() and (a[0], b[0]) != (1.0, 0.0)
+
+
+# -- DER ----------------------------------------------------------------------------------------
+
+
+def test_der_grows_and_keeps_old_extractors_bit_for_bit(monkeypatch, tmp_path):
+    optimised = []
+    real_train = experiment.Protocol.train_on
+
+    def spy_train(self, ctx, x, y, *a, **k):
+        ids = {id(p) for p in self.method.parameters(ctx)}
+        optimised.append({n for n, p in self.model.named_parameters() if id(p) in ids})
+        return real_train(self, ctx, x, y, *a, **k)
+
+    monkeypatch.setattr(experiment.Protocol, "train_on", spy_train)
+    out = tmp_path / "der"
+    m = experiment.run(build_config("der", B0), out, progress=False)
+    assert m["status"] == "complete"
+    states = [_ckpt(out, t)["model"] for t in range(1, 3)]
+    for t, state in enumerate(states):
+        assert 1 + max(int(k.split(".")[1]) for k in state if k.startswith("extractors.")) == t + 1
+        assert state["head.weight"].shape == (10, 64 * (t + 1))  # one 64-d extractor per task
+        if t:
+            assert state["aux_head.weight"].shape == (5 + 1, 64)  # 5 new classes + "old"
+        for k, v in states[t - 1].items():
+            if k.startswith("extractors.") and int(k.split(".")[1]) < t:
+                assert torch.equal(state[k], v), (t, k)  # weights and batch-norm statistics, bit for bit
+    for t, names in enumerate(optimised):  # only the newest extractor and the classifiers train
+        assert {n.split(".")[1] for n in names if n.startswith("extractors.")} == {str(t)}
+        assert {"head.weight", "head.bias"} <= names and (t == 0) == ("aux_head.weight" not in names)
+
+
+# -- DER++ ----------------------------------------------------------------------------------------
+
+
+def test_derpp_loss_by_hand():
+    # two images, both with logits (0, 0): CE = log 2 each. The first is new, the
+    # second replayed with stored logits (1, -1): MSE = ((0-1)^2 + (0+1)^2) / 2 = 1.
+    ctx = TaskContext(t=1, n_old=1, n_seen=2, num_classes=2, model=None, memory=None, criterion=None,
+                      device=torch.device("cpu"), generator=None, train_cfg=None, data=None, features=None,
+                      normalize=None, train=None, new_model=None, log=print)
+    z = torch.zeros(2, 2)
+    stored = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, -1.0]])
+    loss = DERpp(DERppArgs(alpha=0.3, beta=0.5)).loss(None, torch.tensor([1, 0]), Outputs(z, None), None, ctx, stored)
+    assert loss.item() == pytest.approx(math.log(2) + 0.3 * 1.0 + 0.5 * math.log(2))
+    # no replayed image in the batch: the CE of the new ones only (no division by zero)
+    only_new = DERpp(DERppArgs(alpha=0.3, beta=0.5)).loss(None, torch.tensor([1, 0]), Outputs(z, None), None, ctx,
+                                                          torch.zeros(2, 3))
+    assert only_new.item() == pytest.approx(math.log(2))
+
+
+def test_derpp_stored_logits_follow_the_exemplars_and_reach_the_loss(monkeypatch, tmp_path):
+    batches = []
+    real_loss = DERpp.loss
+
+    def spy_loss(self, x, y, out, old, ctx, stored=None):
+        batches.append((ctx.t, y.clone(), stored.clone()))
+        return real_loss(self, x, y, out, old, ctx, stored)
+
+    monkeypatch.setattr(DERpp, "loss", spy_loss)
+    out = tmp_path / "derpp"
+    experiment.run(build_config("derpp", B0), out, progress=False)
+    for t in range(1, 2):
+        before, after = _ckpt(out, t), _ckpt(out, t + 1)
+        for c, imgs in after["memory"]["per_class"].items():
+            logits = after["method"]["logits"][c]
+            assert len(logits) == len(imgs)
+            if c in before["memory"]["per_class"]:  # an old class, cut to its first m: so are its logits
+                m = len(imgs)
+                assert torch.equal(imgs, before["memory"]["per_class"][c][:m])
+                assert torch.equal(logits, before["method"]["logits"][c][:m])
+    # in training, a replayed image's row is [1, stored logits of its class], a new one's all zero
+    stored_by_task = {1: _ckpt(out, 1)["method"]["logits"]}
+    for t, y, stored in batches:
+        replay = stored[:, 0] == 1
+        assert torch.equal(replay, y < 5 * t)
+        assert not stored[~replay].any()
+        for yi, row in zip(y[replay].tolist(), stored[replay]):
+            assert any(torch.equal(row[1:], s) for s in stored_by_task[t][yi])
+
+
+# -- every method: B0 / B50 runs and exact resume ----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["bic", "der", "derpp"])
+def test_b50_run_resumes_exactly(method, tmp_path, monkeypatch):
+    cfg = build_config(method, B50)
+    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
+    assert whole["classes_seen"] == [4, 7, 10] and whole["nme"]["accuracy"][0] > 40.0  # 4 digits are learnt
+    real = experiment.Protocol.run_task
+
+    def stop_at_task_3(self, t):
+        if t == 2:
+            raise KeyboardInterrupt
+        real(self, t)
+
+    monkeypatch.setattr(experiment.Protocol, "run_task", stop_at_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(experiment.Protocol, "run_task", real)
+    resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
+    for c in ("fc", "nme"):
+        assert resumed[c]["accuracy"] == whole[c]["accuracy"], c
+        assert resumed[c]["accuracy_matrix"] == whole[c]["accuracy_matrix"], c
+    assert resumed["memory_total"] == whole["memory_total"]
+    last_whole, last_cut = _ckpt(tmp_path / "whole", 3), _ckpt(tmp_path / "cut", 3)
+    for k, v in last_whole["model"].items():
+        assert torch.equal(v, last_cut["model"][k]), k
+
+
+def test_presets_and_the_reproduce_group():
+    from cilab.reproduce import load_groups
+
+    runs = {r["preset"]: r["seeds"] for r in load_groups()["strong-baselines"]["runs"]}
+    assert runs == {"bic": [0, 1, 2], "der": [0, 1, 2], "derpp": [0, 1, 2]}
+    for name in runs:
+        cfg = build_config(name)
+        assert (cfg.method, cfg.memory.size, cfg.train.lr, cfg.train.epochs) == (name, 2000, 0.1, 70)
