@@ -91,8 +91,8 @@ class BiC(Method):
         if not a.get("bias_steps", 1) > 0 or not a.get("bias_lr", 1.0) > 0:
             raise ConfigError("'method_args.bias_steps' and 'method_args.bias_lr' must be > 0")
 
-    def build_model(self, model_cfg, num_classes: int) -> nn.Module:
-        model = super().build_model(model_cfg, num_classes)
+    def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
+        model = super().build_model(model_cfg, num_classes, image_size)
         model.head = BiasCorrectedHead(model.head)
         return model
 

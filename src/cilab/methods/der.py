@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models import Outputs
+from ..models import Backbone, Outputs
 from .base import Method, TaskContext, register
 
 
@@ -54,7 +54,7 @@ class DERArgs:
     init: str = "previous"  # previous: the new extractor starts as a copy of the last one | random
 
 
-class DERNet(nn.Module):
+class DERNet(Backbone):
     """Frozen old extractors + one trainable new one; ``head`` reads their concatenated features."""
 
     def __init__(self, make_extractor, num_classes: int):
@@ -105,11 +105,6 @@ class DERNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([e.features(x) for e in self.extractors], dim=1)
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        f = self.features(x)
-        z = self.head(f)
-        return Outputs(z, f) if with_features else z
-
 
 @register("der")
 class DER(Method):
@@ -125,10 +120,10 @@ class DER(Method):
         if not a.get("aux_weight", 1.0) >= 0:
             raise ConfigError(f"'method_args.aux_weight' must be >= 0, got {a.get('aux_weight')}")
 
-    def build_model(self, model_cfg, num_classes: int) -> nn.Module:
+    def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
         from ..models import create_model
 
-        return DERNet(lambda: create_model(model_cfg, num_classes), num_classes)
+        return DERNet(lambda: create_model(model_cfg, num_classes, image_size), num_classes)
 
     def before_task(self, ctx: TaskContext) -> None:
         if ctx.t > 0:
