@@ -259,8 +259,9 @@ def test_b50_run_resumes_exactly(method, tmp_path, monkeypatch):
 def test_presets_and_the_reproduce_group():
     from cilab.reproduce import load_groups
 
-    runs = {r["preset"]: r["seeds"] for r in load_groups()["strong-baselines"]["runs"]}
-    assert runs == {"bic": [0, 1, 2], "der": [0, 1, 2], "derpp": [0, 1, 2]}
-    for name in runs:
+    runs = {(r["preset"], r.get("tag")): r["seeds"] for r in load_groups()["strong-baselines"]["runs"]}
+    for name in ("bic", "der", "derpp"):
+        assert runs[(name, None)] == [0, 1, 2]
+    for name in ("bic", "der", "derpp"):
         cfg = build_config(name)
         assert (cfg.method, cfg.memory.size, cfg.train.lr, cfg.train.epochs) == (name, 2000, 0.1, 70)
