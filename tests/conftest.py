@@ -16,3 +16,22 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def tiny_overrides():
     """The fastest settings that still train something on digits."""
     return ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+
+
+def interrupted_and_resumed(cfg, tmp_path, monkeypatch, stop_at: int = 2):
+    """(the uninterrupted run's metrics, the metrics of a run stopped before task stop_at+1 and resumed)."""
+    from cilab import experiment
+
+    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
+    real = experiment.Protocol.run_task
+
+    def stop(self, t):
+        if t == stop_at:
+            raise KeyboardInterrupt
+        real(self, t)
+
+    monkeypatch.setattr(experiment.Protocol, "run_task", stop)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(experiment.Protocol, "run_task", real)
+    return whole, experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)

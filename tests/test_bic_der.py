@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cilab import experiment
 from cilab.config import build_config
@@ -21,6 +20,7 @@ from cilab.methods.bic import BiC, fit_affine
 from cilab.methods.derpp import DERpp, DERppArgs
 from cilab.models import Outputs
 from cilab.trainer import GraphedStep, build_step
+from conftest import interrupted_and_resumed
 
 SMALL = ["data.name=digits", "train.epochs=1", "train.milestones=[]", "train.batch_size=128",
          "model.name=resnet20", "memory.size=40", "eval.classifiers=[fc,nme]"]
@@ -233,20 +233,8 @@ def test_derpp_stored_logits_follow_the_exemplars_and_reach_the_loss(monkeypatch
 @pytest.mark.parametrize("method", ["bic", "der", "derpp"])
 def test_b50_run_resumes_exactly(method, tmp_path, monkeypatch):
     cfg = build_config(method, B50)
-    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
+    whole, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch)
     assert whole["classes_seen"] == [4, 7, 10] and whole["nme"]["accuracy"][0] > 40.0  # 4 digits are learnt
-    real = experiment.Protocol.run_task
-
-    def stop_at_task_3(self, t):
-        if t == 2:
-            raise KeyboardInterrupt
-        real(self, t)
-
-    monkeypatch.setattr(experiment.Protocol, "run_task", stop_at_task_3)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(experiment.Protocol, "run_task", real)
-    resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
     for c in ("fc", "nme"):
         assert resumed[c]["accuracy"] == whole[c]["accuracy"], c
         assert resumed[c]["accuracy_matrix"] == whole[c]["accuracy_matrix"], c

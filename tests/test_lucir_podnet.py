@@ -15,6 +15,7 @@ from cilab.methods.podnet import (LocalSimilarityHead, nca_loss, pod_embedding, 
                                   pod_spatial_loss)
 from cilab.models import create_model
 from cilab.results import load_checkpoint
+from conftest import interrupted_and_resumed
 
 # resnet20 and one epoch: the run tests must stay cheap on a shared CPU
 B0 = ["model.name=resnet20", "data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
@@ -191,20 +192,8 @@ def test_runs_a_b50_split_on_digits_with_balanced_finetuning(method, tmp_path):
 def test_b0_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_path, monkeypatch):
     """Also the B0 run of each method; LUCIR without balanced fine-tuning keeps its old rows bit for bit."""
     cfg = build_config(method, B0 + (FAST[method] if method == "podnet" else []))
-    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
+    whole, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch)
     assert whole["classes_seen"] == [2, 4, 6, 8, 10]
-    real = experiment.Protocol.run_task
-
-    def stop_at_task_3(self, t):
-        if t == 2:
-            raise KeyboardInterrupt
-        real(self, t)
-
-    monkeypatch.setattr(experiment.Protocol, "run_task", stop_at_task_3)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(experiment.Protocol, "run_task", real)
-    resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
     for c in whole["classifiers"]:
         assert resumed[c]["accuracy_matrix"] == whole[c]["accuracy_matrix"], c
     final = [load_checkpoint(tmp_path / d / "checkpoints" / "task_05.pt")["model"] for d in ("whole", "cut")]

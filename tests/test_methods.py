@@ -17,6 +17,7 @@ from cilab.data import Scenario
 from cilab.methods import METHODS, TaskContext
 from cilab.methods.ewc import EWC, EWCArgs
 from cilab.methods.wa import WAArgs, WeightAligning
+from conftest import interrupted_and_resumed
 
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
 MEM = ["memory.size=40"]
@@ -220,19 +221,7 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_path
     over = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
             "train.batch_size=64"] + (MEM if METHODS[method].uses_memory else [])
     cfg = build_config(method, over)
-    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
-    real = experiment.Protocol.run_task
-
-    def stop_at_task_3(self, t):
-        if t == 2:
-            raise KeyboardInterrupt
-        real(self, t)
-
-    monkeypatch.setattr(experiment.Protocol, "run_task", stop_at_task_3)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(experiment.Protocol, "run_task", real)
-    resumed = experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
+    whole, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch)
     assert _numbers(resumed) == _numbers(whole)
 
 

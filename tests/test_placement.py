@@ -9,7 +9,6 @@ from cilab.data.loader import Normalizer, data_placement, place
 
 
 def batches(stage, n=37, batch=8):
-    g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     y = torch.arange(n)
     norm = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25))

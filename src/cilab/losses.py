@@ -243,3 +243,19 @@ class Criterion:
     def __call__(self, z: Tensor, y: Tensor, z_old: Tensor | None) -> Tensor:
         clf, dist = self.terms(z, y, z_old)
         return clf + dist if self.distills else clf
+
+
+def ce_with_kd(z: Tensor, y: Tensor, z_old: Tensor | None, n_old: int, n_seen: int, T: float) -> Tensor:
+    """(1 - lambda) * CE(z[:, :n_seen], y) + lambda * KD_T, lambda = n_old / n_seen (WA, BiC).
+
+    KD_T = mean_b sum_{c < n_old} -softmax(z_old/T)_c * log softmax(z[:, :n_old]/T)_c; without an
+    old model (the first task) the loss is the cross-entropy alone.
+    """
+    z = z.float()
+    ce = F.cross_entropy(z[:, :n_seen], y)
+    if z_old is None:
+        return ce
+    lam = n_old / n_seen
+    target = torch.softmax(z_old[:, :n_old].float() / T, dim=1)
+    kd = -(target * torch.log_softmax(z[:, :n_old] / T, dim=1)).sum(dim=1).mean()
+    return (1 - lam) * ce + lam * kd

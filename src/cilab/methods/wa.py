@@ -22,9 +22,9 @@ ResNet-32, 2000 exemplars: average incremental accuracy about 64.5%.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..losses import ce_with_kd
 from .base import Method, Outputs, TaskContext, register
 
 
@@ -53,15 +53,7 @@ class WeightAligning(Method):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, out: Outputs, old: Outputs | None,
              ctx: TaskContext) -> torch.Tensor:
-        z = out.logits.float()
-        ce = F.cross_entropy(z[:, : ctx.n_seen], y)
-        if old is None:
-            return ce
-        lam = ctx.n_old / ctx.n_seen
-        T = self.args.T
-        target = torch.softmax(old.logits[:, : ctx.n_old].float() / T, dim=1)
-        kd = -(target * torch.log_softmax(z[:, : ctx.n_old] / T, dim=1)).sum(dim=1).mean()
-        return (1 - lam) * ce + lam * kd
+        return ce_with_kd(out.logits, y, None if old is None else old.logits, ctx.n_old, ctx.n_seen, self.args.T)
 
     def after_step(self, ctx: TaskContext) -> None:
         if self.args.clip:
