@@ -366,7 +366,9 @@ def run_images(cfg, classes: int, per_class: int, methods, collages, per_collage
         n_old, n_seen = sc.old(t), sc.seen(t)
         task = (n_seen if method.trains_on == "seen" else n_seen - n_old) * per_class
         memory = n_old * min(cfg.memory.size // n_old, cap) if (method.uses_memory and n_old > 0) else 0
-        total += task_train_config(cfg.train, t).epochs * (task + memory)
+        train_cfg = task_train_config(cfg.train, t)
+        held_out = max(1, round(train_cfg.val_split * (task + memory))) if train_cfg.val_split > 0 else 0
+        total += train_cfg.epochs * (task + memory - held_out)
     return total
 
 
