@@ -454,7 +454,7 @@ def test_an_accuracy_over_zero_images_is_undefined_not_zero():
 
     assert np.isnan(accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
     # task 0 (labels 0, 1): 1 of 2 right; task 1 (labels 2, 3): no test image at all
-    acc = task_accuracies(torch.tensor([0, 0]), torch.tensor([0, 1]), classes_per_task=2, n_tasks_seen=2)
+    acc = task_accuracies(torch.tensor([0, 0]), torch.tensor([0, 1]), 2, n_tasks_seen=2)
     assert acc[0] == 50.0 and np.isnan(acc[1])
 
 

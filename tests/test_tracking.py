@@ -102,12 +102,13 @@ def test_log_switch_without_the_package_is_refused(monkeypatch):
 
 
 def test_a_run_resumes_with_tracking_switched_on(tmp_path):
-    from cilab import results
-    from cilab.experiment import RunFolderError, check_run_folder
+    from cilab import results, runfolder
+    from cilab.results import RunFolderError
 
     out = tmp_path / "run"
     out.mkdir()
+    runfolder.write_marker(out)
     results.atomic_write_yaml(out / results.CONFIG, build_config("icarl").to_dict())
-    assert check_run_folder(out, build_config("icarl", ["log.tensorboard=true"]), resume=True, overwrite=False) is False
+    assert runfolder.check(out, build_config("icarl", ["log.tensorboard=true"]), resume=True, overwrite=False) == "resume"
     with pytest.raises(RunFolderError, match="seed: 0 saved, 1 now"):
-        check_run_folder(out, build_config("icarl", ["seed=1"]), resume=True, overwrite=False)
+        runfolder.check(out, build_config("icarl", ["seed=1"]), resume=True, overwrite=False)
