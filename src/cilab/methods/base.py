@@ -104,6 +104,9 @@ class Method:
     # What training_data returns, for estimates that cannot run it (bench.study_images):
     # "current" (task t's classes, + exemplars) or "seen" (every class so far).
     trains_on: ClassVar[str] = "current"
+    # Limits on the method's settings, checked by ``check`` before any work:
+    # {"key": "> 0" | ">= 0" | "in (0, 1)" | ("choice", "choice", ...)}.
+    limits: ClassVar[dict] = {}
 
     def __init__(self, args: Any = None):
         self.args = args if args is not None else self.Args()
@@ -125,6 +128,14 @@ class Method:
             )
         if cls.uses_memory and cfg.memory.size == 0:
             raise ConfigError(f"method {cls.name} needs exemplars: set memory.size > 0 (the study uses 2000)")
+        tests = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in (0, 1)": lambda v: 0 < v < 1}
+        for key, rule in cls.limits.items():
+            v = cfg.method_args[key]  # validate() has completed method_args with the defaults
+            if isinstance(rule, tuple):
+                if v not in rule:
+                    raise ConfigError(f"'method_args.{key}' is '{v}', which is not one of: {', '.join(rule)}")
+            elif not tests[rule](v):  # also refuses NaN
+                raise ConfigError(f"'method_args.{key}' must be {rule}, got {v!r}")
 
     @classmethod
     def parse_args(cls, data: dict) -> Any:

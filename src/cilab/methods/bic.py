@@ -49,7 +49,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..losses import ce_with_kd
 from .base import Method, Outputs, TaskContext, register
 
@@ -81,16 +80,7 @@ class BiC(Method):
     distills = True
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.method_args
-        if not a.get("T", 2.0) > 0:
-            raise ConfigError(f"'method_args.T' (BiC's temperature) must be > 0, got {a.get('T')}")
-        if not 0 < a.get("val_fraction", 0.1) < 1:
-            raise ConfigError(f"'method_args.val_fraction' must be in (0, 1), got {a.get('val_fraction')}")
-        if not a.get("bias_steps", 1) > 0 or not a.get("bias_lr", 1.0) > 0:
-            raise ConfigError("'method_args.bias_steps' and 'method_args.bias_lr' must be > 0")
+    limits = {"T": "> 0", "val_fraction": "in (0, 1)", "bias_steps": "> 0", "bias_lr": "> 0"}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
         model = super().build_model(model_cfg, num_classes, image_size)

@@ -43,7 +43,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..models import Backbone, Outputs
 from .base import Method, TaskContext, register
 
@@ -111,14 +110,7 @@ class DER(Method):
     Args = DERArgs
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.method_args
-        if a.get("init", "previous") not in ("previous", "random"):
-            raise ConfigError(f"'method_args.init' is '{a.get('init')}', which is not one of: previous, random")
-        if not a.get("aux_weight", 1.0) >= 0:
-            raise ConfigError(f"'method_args.aux_weight' must be >= 0, got {a.get('aux_weight')}")
+    limits = {"init": ("previous", "random"), "aux_weight": ">= 0"}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
         from ..models import create_model

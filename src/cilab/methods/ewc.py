@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .base import Method, Outputs, TaskContext, register
 
 
@@ -47,16 +46,7 @@ class EWCArgs:
 class EWC(Method):
     Args = EWCArgs
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.method_args
-        if a.get("mode", "per_task") not in ("per_task", "online"):
-            raise ConfigError(f"'method_args.mode' is '{a.get('mode')}', which is not one of: per_task, online")
-        if not a.get("lambda_", 1.0) >= 0:
-            raise ConfigError(f"'method_args.lambda_' must be >= 0, got {a.get('lambda_')}")
-        if not a.get("fisher_batch", 1) > 0:
-            raise ConfigError(f"'method_args.fisher_batch' must be > 0, got {a.get('fisher_batch')}")
+    limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0"}
 
     def __init__(self, args=None):
         super().__init__(args)

@@ -58,7 +58,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .balanced import finetune_head
 from .base import Method, Outputs, TaskContext, register
 
@@ -139,16 +138,8 @@ class LUCIR(Method):
     distills = True
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.method_args  # already parsed and completed with the defaults
-        for key in ("lambda_base", "margin", "mr_weight", "cbf_epochs"):
-            if not a[key] >= 0:
-                raise ConfigError(f"'method_args.{key}' must be >= 0, got {a[key]!r}")
-        for key in ("K", "sigma_init", "cbf_lr"):
-            if not a[key] > 0:
-                raise ConfigError(f"'method_args.{key}' must be > 0, got {a[key]!r}")
+    limits = {**{k: ">= 0" for k in ("lambda_base", "margin", "mr_weight", "cbf_epochs")},
+              **{k: "> 0" for k in ("K", "sigma_init", "cbf_lr")}}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
         model = super().build_model(model_cfg, num_classes, image_size)

@@ -131,19 +131,8 @@ class PODNet(Method):
     distills = True
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.method_args  # already parsed and completed with the defaults
-        if a["stage_reduce"] not in STAGE_REDUCE:
-            raise ConfigError(f"'method_args.stage_reduce' is '{a['stage_reduce']}', which is not one of: "
-                              + ", ".join(STAGE_REDUCE))
-        for key in ("proxies", "scale_init", "finetune_lr"):
-            if not a[key] > 0:
-                raise ConfigError(f"'method_args.{key}' must be > 0, got {a[key]!r}")
-        for key in ("nca_margin", "spatial_weight", "flat_weight", "finetune_epochs"):
-            if not a[key] >= 0:
-                raise ConfigError(f"'method_args.{key}' must be >= 0, got {a[key]!r}")
+    limits = {"stage_reduce": STAGE_REDUCE, **{k: "> 0" for k in ("proxies", "scale_init", "finetune_lr")},
+              **{k: ">= 0" for k in ("nca_margin", "spatial_weight", "flat_weight", "finetune_epochs")}}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:
         model = super().build_model(model_cfg, num_classes, image_size)

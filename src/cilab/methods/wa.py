@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..losses import ce_with_kd
 from .base import Method, Outputs, TaskContext, register
 
@@ -41,12 +40,7 @@ class WeightAligning(Method):
     distills = True
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        T = cfg.method_args.get("T", WAArgs.T)
-        if not isinstance(T, (int, float)) or not T > 0:
-            raise ConfigError(f"'method_args.T' (WA's temperature) must be > 0, got {T!r}")
+    limits = {"T": "> 0"}
 
     def uses_old_model(self, ctx: TaskContext) -> bool:
         return ctx.n_old > 0  # WA's own distillation term, whatever the loss section says
