@@ -79,7 +79,6 @@ class BiC(Method):
     Args = BiCArgs
     distills = True
     uses_memory = True
-
     limits = {"T": "> 0", "val_fraction": "in (0, 1)", "bias_steps": "> 0", "bias_lr": "> 0"}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:

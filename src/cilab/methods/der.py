@@ -109,7 +109,6 @@ class DERNet(Backbone):
 class DER(Method):
     Args = DERArgs
     uses_memory = True
-
     limits = {"init": ("previous", "random"), "aux_weight": ">= 0"}
 
     def build_model(self, model_cfg, num_classes: int, image_size: int = 32) -> nn.Module:

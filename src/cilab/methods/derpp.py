@@ -60,13 +60,7 @@ class DERpp(Method):
     Args = DERppArgs
     uses_memory = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        for key in ("alpha", "beta"):
-            v = cfg.method_args.get(key, 0.0)
-            if not v >= 0:
-                raise ConfigError(f"'method_args.{key}' (DER++'s loss weight) must be >= 0, got {v}")
+    limits = {"alpha": ">= 0", "beta": ">= 0"}
 
     def __init__(self, args=None):
         super().__init__(args)

@@ -45,7 +45,6 @@ class EWCArgs:
 @register("ewc")
 class EWC(Method):
     Args = EWCArgs
-
     limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0"}
 
     def __init__(self, args=None):

@@ -137,7 +137,6 @@ class LUCIR(Method):
     Args = LUCIRArgs
     distills = True
     uses_memory = True
-
     limits = {**{k: ">= 0" for k in ("lambda_base", "margin", "mr_weight", "cbf_epochs")},
               **{k: "> 0" for k in ("K", "sigma_init", "cbf_lr")}}
 

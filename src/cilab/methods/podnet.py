@@ -130,7 +130,6 @@ class PODNet(Method):
     Args = PODNetArgs
     distills = True
     uses_memory = True
-
     limits = {"stage_reduce": STAGE_REDUCE, **{k: "> 0" for k in ("proxies", "scale_init", "finetune_lr")},
               **{k: ">= 0" for k in ("nca_margin", "spatial_weight", "flat_weight", "finetune_epochs")}}
 

@@ -39,7 +39,6 @@ class WeightAligning(Method):
     Args = WAArgs
     distills = True
     uses_memory = True
-
     limits = {"T": "> 0"}
 
     def uses_old_model(self, ctx: TaskContext) -> bool:
