@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .base import Method, Outputs, TaskContext, register
 
 
