@@ -12,6 +12,17 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's real runs: they run whole trainings on 2 cores that other
+    jobs share, where two threads fighting for a busy core were up to 6x slower than one; the
+    CLI subprocesses those tests start get the same count, so they compute the same floats."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_overrides():
     """The fastest settings that still train something on digits."""

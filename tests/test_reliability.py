@@ -90,15 +90,7 @@ def completed(folder: Path) -> int:
     return strict_json(path)["completed_tasks"] if path.exists() else 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tests time whole runs on 2 cores that other jobs share; two torch
-    # threads fighting for a busy core were up to 6x slower than one here.
-    # start_cli gives the subprocesses the same count, so they compute the same floats.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
