@@ -52,6 +52,15 @@ class Backbone(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_head(self, feature_dim: int, num_classes: int) -> None:
+        """The linear head on ``feature_dim`` features, then He initialisation of every convolution
+        (fan-out, as in He et al. 2016): what cilab's ResNets do last in their constructors."""
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
     def forward(self, x: torch.Tensor, with_features: bool = False):
         f = self.features(x)
         z = self.head(f)
@@ -105,11 +114,7 @@ class ResNetCifar(Backbone):
         self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
         # index one past the last block of each stage, into self.layers
         self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
-        self.feature_dim = cin
-        self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.add_head(cin, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (normalised) -> 64-d feature vectors."""

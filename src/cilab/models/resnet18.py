@@ -65,11 +65,7 @@ class ResNet18(Backbone):
                 layers.append(ProjectionBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
         self.layers = nn.Sequential(*layers)
-        self.feature_dim = cin
-        self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.add_head(cin, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (normalised) -> 512-d feature vectors."""
