@@ -239,3 +239,15 @@ def test_the_documented_example_method_runs_on_digits(tmp_path):
                        tmp_path / "lm", progress=False)
     assert m["method"] == "prob-match" and m["method_args"] == {"weight": 2.0}
     assert m["status"] == "complete" and len(m["fc"]["accuracy"]) == 5
+
+
+def test_ce_with_kd_of_wa_and_bic_by_hand():
+    import math
+
+    from cilab.losses import ce_with_kd
+
+    z, y = torch.zeros(1, 4), torch.tensor([2])  # 3 seen outputs of 4, all logits 0: CE = ln 3
+    z_old = torch.tensor([[2 * math.log(3), 0.0, 9.0, 9.0]])  # softmax(z_old[:, :2] / 2) = (3/4, 1/4)
+    # KD = -(3/4 ln 1/2 + 1/4 ln 1/2) = ln 2; lambda = n_old / n_seen = 2/3
+    assert ce_with_kd(z, y, None, 2, 3, 2.0).item() == pytest.approx(math.log(3))
+    assert ce_with_kd(z, y, z_old, 2, 3, 2.0).item() == pytest.approx(math.log(3) / 3 + 2 * math.log(2) / 3)
