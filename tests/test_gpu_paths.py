@@ -275,14 +275,17 @@ def test_concurrency_benchmark_json_adds_up(tmp_path):
     one, two = (r["aggregate_images_per_s"] for r in d["results"])
     assert d["results"][1]["speedup_over_one_run"] == pytest.approx(two / one)
     s = d["study"]
-    # finetune and joint, seeds 0 and 1: 2 x (3,500,000 + 19,250,000)
-    assert s["runs"] == 4 and s["train_images"] == 45_500_000
+    # finetune and joint, seeds 0 and 1, 10 tasks of 5,000 images, 70 epochs:
+    #   finetune keeps 10% of each task for validation (its preset): 10 x 4,500 x 70 = 3,150,000
+    #   joint trains on every class seen so far: (1 + ... + 10) x 5,000 x 70 = 19,250,000
+    # 2 x (3,150,000 + 19,250,000) = 44,800,000
+    assert s["runs"] == 4 and s["train_images"] == 44_800_000
     best = max(one, two)
     assert s["best_jobs"] == (1 if one >= two else 2) and s["best_aggregate_images_per_s"] == best
-    assert s["projected_train_s_at_best"] == pytest.approx(45_500_000 / best)
+    assert s["projected_train_s_at_best"] == pytest.approx(44_800_000 / best)
     assert s["longest_run_s_at_best"] == pytest.approx(19_250_000 / (best / s["best_jobs"]))
-    assert s["projected_wall_s"] == pytest.approx(max(45_500_000 / best, 19_250_000 * s["best_jobs"] / best))
-    assert s["projected_wall_s_one_at_a_time"] == pytest.approx(45_500_000 / one)
+    assert s["projected_wall_s"] == pytest.approx(max(44_800_000 / best, 19_250_000 * s["best_jobs"] / best))
+    assert s["projected_wall_s_one_at_a_time"] == pytest.approx(44_800_000 / one)
 
 
 def test_concurrency_benchmark_refuses_bad_jobs(capsys):
