@@ -19,7 +19,9 @@ from cilab.methods.ewc import EWC, EWCArgs
 from cilab.methods.wa import WAArgs, WeightAligning
 from conftest import interrupted_and_resumed
 
-TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+# ResNet-20 wherever the depth does not matter: the suite must stay short on CI's two cores
+TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
+        "model.name=resnet20"]
 MEM = ["memory.size=40"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +148,8 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient_by_hand():
 
 
 def test_joint_starts_every_task_from_a_fresh_network_unless_warm_start(monkeypatch, tmp_path):
-    two = ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+    two = ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
+           "model.name=resnet20"]
     starts, ends = [], []  # the weights each training starts from / each task ends with, in call order
     real_train, real_task = experiment.train_task, experiment.Protocol.run_task
 
@@ -196,7 +199,7 @@ def test_b50_split_gives_a_large_first_task_and_even_ones_after():
 @pytest.mark.parametrize("method", ["er", "wa", "ewc"])
 def test_new_methods_run_b50_style_splits_with_the_first_task_trained_longer(method, tmp_path):
     over = ["data.name=digits", "scenario.num_tasks=4", "scenario.first_task_classes=4", "train.epochs=1",
-            "train.milestones=[]", "train.batch_size=64", "train.first_task.epochs=2"]
+            "train.milestones=[]", "train.batch_size=64", "train.first_task.epochs=2", "model.name=resnet20"]
     over += MEM if METHODS[method].uses_memory else []
     m = experiment.run(build_config(method, over), tmp_path / method, progress=False)
     assert m["classes_seen"] == [4, 6, 8, 10]
@@ -218,8 +221,7 @@ def test_new_methods_run_b50_style_splits_with_the_first_task_trained_longer(met
 
 @pytest.mark.parametrize("method", ["er", "wa", "ewc", "joint"])
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_path, monkeypatch):
-    over = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
-            "train.batch_size=64"] + (MEM if METHODS[method].uses_memory else [])
+    over = TINY + (MEM if METHODS[method].uses_memory else [])
     cfg = build_config(method, over)
     whole, resumed = interrupted_and_resumed(cfg, tmp_path, monkeypatch)
     assert _numbers(resumed) == _numbers(whole)

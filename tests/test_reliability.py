@@ -26,7 +26,7 @@ from cilab.losses import Criterion
 
 # train.deterministic: on a GPU two runs with one seed differ without it (issue 17)
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
-        "train.batch_size=64", "memory.size=40", "train.deterministic=true"]
+        "train.batch_size=64", "memory.size=40", "train.deterministic=true", "model.name=resnet20"]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 
 
