@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,3 +48,13 @@ def interrupted_and_resumed(cfg, tmp_path, monkeypatch, stop_at: int = 2):
         experiment.run(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(experiment.Protocol, "run_task", real)
     return whole, experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
+
+
+def small_npz(path: Path, **over) -> Path:
+    """An npz dataset of 4 classes of random 8x8 grey images (10 train, 2 test a class); ``over``
+    replaces arrays, to make a file bad in one named way."""
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.repeat(np.arange(4), 10),
+                  x_test=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8), y_test=np.repeat(np.arange(4), 2))
+    np.savez(path, **{**arrays, **over})
+    return path

@@ -19,7 +19,6 @@ from cilab.methods import TaskContext
 from cilab.methods.bic import BiC, fit_affine
 from cilab.methods.derpp import DERpp, DERppArgs
 from cilab.models import Outputs
-from cilab.trainer import GraphedStep, build_step
 from conftest import interrupted_and_resumed
 
 SMALL = ["data.name=digits", "train.epochs=1", "train.milestones=[]", "train.batch_size=128",
@@ -64,20 +63,13 @@ class _Tiny(torch.nn.Module):
 
 
 def test_a_graphed_step_copies_the_per_sample_tensors_in_like_the_images():
-    from test_speed_paths import StandInCapture
-
-    torch.manual_seed(0)
-    models = [_Tiny(), _Tiny()]
-    models[1].load_state_dict(models[0].state_dict())
-    cfg = build_config("icarl", ["train.lr=0.5"]).train
+    from test_speed_paths import eager_and_graphed
 
     def loss(x, y, out, old, target):  # a loss that needs each image's own row
         return (out.logits - target).pow(2).mean()
 
-    eager, _, _ = build_step(models[0], cfg, loss, None, torch.device("cpu"))
-    step, opt, _ = build_step(models[1], cfg, loss, None, torch.device("cpu"))
-    backend = StandInCapture(models[1], lambda: opt)
-    graphed = GraphedStep(step, opt, backend, strict=True, warmup=1)
+    torch.manual_seed(0)
+    eager, graphed, backend = eager_and_graphed([_Tiny(), _Tiny()], loss)
     g = torch.Generator().manual_seed(2)
     for i in range(4):
         x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g)

@@ -23,6 +23,7 @@ import yaml
 from cilab import cli, experiment, results
 from cilab.config import build_config, config_from_dict
 from cilab.losses import Criterion
+from conftest import small_npz
 
 # train.deterministic: on a GPU two runs with one seed differ without it (issue 17)
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",
@@ -281,16 +282,8 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run_folder(tmp_path, cap
 # -- refused with a clear message before any training starts --------------------------------
 
 
-def _npz(path: Path, **over) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.repeat(np.arange(4), 10),
-                  x_test=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8), y_test=np.repeat(np.arange(4), 2))
-    np.savez(path, **{**arrays, **over})
-    return path
-
-
 def _damaged(path: Path, how: str) -> Path:
-    good = _npz(path).read_bytes()
+    good = small_npz(path).read_bytes()
     damage = {"truncated": good[: len(good) // 2], "empty": b"",
               "bit-flipped": good[:200] + bytes([good[200] ^ 0xFF]) + good[201:]}
     path.write_bytes(damage[how])
@@ -314,8 +307,8 @@ def _damaged(path: Path, how: str) -> Path:
 def test_bad_input_is_refused_by_the_cli_before_anything_is_written(tmp_path, capsys, overrides, message):
     paths = {"tmp": tmp_path,
              **{how: _damaged(tmp_path / f"{how}.npz", how) for how in ("truncated", "bit-flipped", "empty")},
-             "float-labels": _npz(tmp_path / "f.npz", y_train=np.repeat(np.arange(4.0), 10)),
-             "label-gap": _npz(tmp_path / "g.npz", y_train=np.repeat([0, 1, 2, 4], 10),
+             "float-labels": small_npz(tmp_path / "f.npz", y_train=np.repeat(np.arange(4.0), 10)),
+             "label-gap": small_npz(tmp_path / "g.npz", y_train=np.repeat([0, 1, 2, 4], 10),
                                y_test=np.repeat([0, 1, 2, 4], 2))}
     out = tmp_path / "run"
     rc, err = run_cli(["run", "icarl", "--out", str(out), *TINY, *[o.format(**paths) for o in overrides]], capsys)

@@ -28,6 +28,7 @@ import torch
 from cilab import cli, experiment, results
 from cilab.config import Config, ConfigError, build_config
 
+from conftest import small_npz
 from test_report import tiny_npz, tiny_overrides
 
 TINY = ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]",
@@ -407,14 +408,6 @@ def test_reproduce_jobs_workers_lock_their_run_folders(tmp_path):
 # -- 4. no accuracy from zero images ------------------------------------------------------------------
 
 
-def _npz(path: Path, **over) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.repeat(np.arange(4), 10),
-                  x_test=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8), y_test=np.repeat(np.arange(4), 2))
-    np.savez(path, **{**arrays, **over})
-    return path
-
-
 NPZ_CASES = {
     "empty-test": (dict(x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)),
                    ["x_test holds no images"]),
@@ -434,7 +427,7 @@ NPZ_CASES = {
 @pytest.mark.parametrize("case", NPZ_CASES)
 def test_bad_npz_files_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, case):
     over, needles = NPZ_CASES[case]
-    path = _npz(tmp_path / f"{case}.npz", **over)
+    path = small_npz(tmp_path / f"{case}.npz", **over)
     out = tmp_path / "run"
     rc, _, err = run_cli(["run", "icarl", "--out", out, *TINY, "data.name=npz", f"data.path={path}",
                           "scenario.num_tasks=2"], capsys)

@@ -218,16 +218,21 @@ def test_graphed_training_equals_eager_training_bit_for_bit(monkeypatch):
     assert backend.replays == 5 * 7 - 6
 
 
+def eager_and_graphed(models, loss):
+    """(an eager step of models[0], a graphed step of models[1] on a stand-in capture, the backend),
+    both with ``loss`` and one optimiser setting: the two models must start equal."""
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = build_config("icarl", ["train.lr=0.5"]).train
+    eager, _, _ = build_step(models[0], cfg, loss, None, torch.device("cpu"))
+    step, opt, _ = build_step(models[1], cfg, loss, None, torch.device("cpu"))
+    backend = StandInCapture(models[1], lambda: opt)
+    return eager, GraphedStep(step, opt, backend, strict=True, warmup=1), backend
+
+
 def test_graphed_step_returns_each_batch_loss_and_copies_each_batch_in():
     torch.manual_seed(0)
     models = [create_model(build_config("icarl").model, 10) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    cfg = build_config("icarl", ["train.lr=0.5"]).train
-    crit = Criterion("bce", "none", 0, 10)
-    eager, _, _ = build_step(models[0], cfg, crit, None, torch.device("cpu"))
-    step, opt, _ = build_step(models[1], cfg, crit, None, torch.device("cpu"))
-    backend = StandInCapture(models[1], lambda: opt)
-    graphed = GraphedStep(step, opt, backend, strict=True, warmup=1)
+    eager, graphed, backend = eager_and_graphed(models, Criterion("bce", "none", 0, 10))
     g = torch.Generator().manual_seed(2)
     for i in range(4):
         x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
