@@ -252,6 +252,9 @@ def test_overwrite_of_a_run_folder_keeps_the_users_files(tiny_run, tmp_path, cap
     folder = copy_run(tiny_run, tmp_path / "run")
     (folder / "notes.txt").write_text("what I saw")
     (folder / results.CHECKPOINTS / "task_09.pt").write_bytes(b"a later task of the old run")
+    (folder / "tensorboard").mkdir()
+    (folder / "tensorboard" / "events.out.tfevents.1764201600.host.1.0").write_bytes(b"the old run's curves")
+    (folder / "tensorboard" / "plan.txt").write_text("mine")
     old = (folder / results.METRICS).read_bytes()
     rc, out, err = run_cli(["run", "icarl", "--out", folder, *ov, "train.lr=1.0", "--quiet", "--overwrite"],
                            capsys)
@@ -260,6 +263,8 @@ def test_overwrite_of_a_run_folder_keeps_the_users_files(tiny_run, tmp_path, cap
     assert not (folder / results.CHECKPOINTS / "task_09.pt").exists()  # the old run's: cilab wrote it
     assert sorted(p.name for p in (folder / results.CHECKPOINTS).iterdir()) == ["task_01.pt", "task_02.pt"]
     assert (folder / results.METRICS).read_bytes() != old and "kept notes.txt" in out + err
+    # the old run's TensorBoard curves go (a new run's would be drawn over them), the user's file stays
+    assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == ["plan.txt"]
 
 
 # -- 3. one writer --------------------------------------------------------------------------------

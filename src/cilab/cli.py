@@ -40,7 +40,7 @@ def add_run_parser(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last completed task")
-    g.add_argument("--overwrite", action="store_true", help="delete what the run folder holds and start again")
+    g.add_argument("--overwrite", action="store_true", help="start again: delete the files cilab wrote in the run folder (your other files stay)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 

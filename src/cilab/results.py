@@ -43,6 +43,8 @@ CHECKPOINTS = "checkpoints"
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 FIGURES = ("accuracy.png",)  # drawn into the run folder at the end of a run
 CHECKPOINT_RE = re.compile(r"task_(\d+)\.pt")
+TENSORBOARD = "tensorboard"  # log.tensorboard's event files (tensorboard --logdir runs/)
+EVENT_FILE_RE = re.compile(r"events\.out\.tfevents\..+")  # the names torch's SummaryWriter gives them
 # What experiment.Protocol saves after each task (and a resume needs); a method plugin adds "method_state".
 CHECKPOINT_KEYS = ("task", "model", "memory", "generator", "torch_rng", "metrics", "confusion", "class_order")
 

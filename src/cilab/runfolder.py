@@ -7,8 +7,9 @@
 - **What cilab deletes.** ``--overwrite`` (and a plain rerun of a run that
   never completed a task) deletes only the files cilab writes (:func:`cilab_files`):
   config.yaml, metrics.json, confusion.npz, checkpoints/task_NN.pt, the figures
-  it draws, temporary files of its atomic writes, the marker and the lock.
-  Anything else in the folder stays where it is.
+  it draws, temporary files of its atomic writes, the marker and the lock, and
+  the TensorBoard event files in tensorboard/ (so a new run's curves are not
+  drawn over the old run's). Anything else in the folder stays where it is.
 - **One writer.** A run (new, resumed or overwritten) holds an exclusive
   ``fcntl.flock`` on ``.cilab-lock`` for its whole life; the file says who
   (pid, host, start time). A second run on the same folder is refused at once,
@@ -82,23 +83,31 @@ def cilab_files(folder: Path) -> list[Path]:
     names = (results.CONFIG, results.METRICS, results.CONFUSION, *results.FIGURES, MARKER, LOCK)
     found = [folder / n for n in names if (folder / n).is_file() and not (folder / n).is_symlink()]
     found += [p for p in folder.iterdir() if _is_temp(p)] if folder.is_dir() else []
-    ckpt = folder / results.CHECKPOINTS
+    ckpt, events = folder / results.CHECKPOINTS, folder / results.TENSORBOARD
     if ckpt.is_dir() and not ckpt.is_symlink():
         found += [p for p in ckpt.iterdir() if p.is_file() and not p.is_symlink()
                   and (results.CHECKPOINT_RE.fullmatch(p.name) or _is_temp(p))]
+    if events.is_dir() and not events.is_symlink():
+        found += [p for p in events.iterdir() if p.is_file() and not p.is_symlink()
+                  and results.EVENT_FILE_RE.fullmatch(p.name)]
     return sorted(found)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders cilab writes files into (checkpoints/, tensorboard/)."""
+    return [folder / results.CHECKPOINTS, folder / results.TENSORBOARD]
 
 
 def foreign_entries(folder: Path) -> list[Path]:
     """Everything in ``folder`` that cilab did not write (files, folders, links)."""
     folder = Path(folder)
-    ours = set(cilab_files(folder))
-    ckpt = folder / results.CHECKPOINTS
-    out = [p for p in folder.iterdir() if p not in ours and p != ckpt]
-    if ckpt.is_symlink() or (ckpt.exists() and not ckpt.is_dir()):
-        out.append(ckpt)
-    elif ckpt.is_dir():
-        out += [p for p in ckpt.iterdir() if p not in ours]
+    ours, subs = set(cilab_files(folder)), _subfolders(folder)
+    out = [p for p in folder.iterdir() if p not in ours and p not in subs]
+    for sub in subs:
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            out.append(sub)
+        elif sub.is_dir():
+            out += [p for p in sub.iterdir() if p not in ours]
     return sorted(out)
 
 
@@ -108,9 +117,9 @@ def clear(folder: Path) -> list[Path]:
     for p in cilab_files(folder):
         if p.name != LOCK:
             p.unlink()
-    ckpt = folder / results.CHECKPOINTS
-    if ckpt.is_dir() and not ckpt.is_symlink() and not any(ckpt.iterdir()):
-        ckpt.rmdir()
+    for sub in _subfolders(folder):
+        if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
+            sub.rmdir()
     return foreign_entries(folder)
 
 

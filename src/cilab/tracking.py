@@ -25,10 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .registry import Registry
+from .results import TENSORBOARD as TENSORBOARD_DIR  # inside the run folder: tensorboard --logdir runs/
 
 TRACKERS: Registry = Registry("tracker")
-
-TENSORBOARD_DIR = "tensorboard"  # inside the run folder: tensorboard --logdir runs/
 
 
 def task_scalars(task: int, metrics: dict) -> dict[str, float]:
