@@ -187,6 +187,15 @@ def test_a_folder_with_another_config_is_refused_unless_overwrite(tmp_path, npz,
     assert json.loads((tmp_path / "one" / "finetune-s0" / "metrics.json").read_text())["overrides"][-2] == "train.lr=0.5"
 
 
+def test_tracking_switched_on_is_the_same_run_for_reproduce_as_for_run_resume(tmp_path, npz, monkeypatch):
+    # `cilab run --resume ... log.tensorboard=true` continues a run; reproduce must agree (one comparison)
+    groups = {"one": {"runs": [{"preset": "finetune", "seeds": [0]}]}}
+    monkeypatch.setattr(experiment, "run", fake_run(set()))
+    ov = tiny_overrides(npz)
+    reproduce("one", tmp_path, ov, groups=groups, progress=False, report=False)
+    assert [s.action for s in plan("one", tmp_path, ov + ["log.tensorboard=true"], groups=groups)] == ["skip"]
+
+
 def test_help_lists_the_groups(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["reproduce", "--help"])

@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 import yaml
 
 from . import experiment, results, runfolder
-from .config import Config, ConfigError, build_config, config_from_dict, overrides_to_dict, preset_names
+from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
 
 GROUPS_FILE = "groups.yaml"
 EXIT_FAILED = 1
@@ -149,17 +149,6 @@ def _inapplicable(key: str, method) -> str | None:
     return None
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}: {x!r} saved, {y!r} now")
-    return out
-
-
 def _folder_action(folder: Path, cfg: Config) -> tuple[str, str | None]:
     """(action, conflict): what to do with the run folder for this config.
 
@@ -175,15 +164,9 @@ def _folder_action(folder: Path, cfg: Config) -> tuple[str, str | None]:
         return "new", None
     if not runfolder.is_run_folder(folder):
         return "refuse", f"{folder} holds files but is not a run folder (no {runfolder.MARKER}); cilab never deletes it"
-    saved = folder / results.CONFIG
-    if not saved.exists():
-        return "resume", None  # marked but killed before its config was written: nothing to lose
-    try:
-        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
-    except Exception as e:  # noqa: BLE001 - any unreadable config is a conflict
-        return "conflict", f"{folder}/{results.CONFIG} cannot be read ({e})"
-    if old != cfg:
-        return "conflict", f"{folder} holds a run with another config ({'; '.join(_diff(old.to_dict(), cfg.to_dict()))})"
+    problem = runfolder.config_conflict(folder, cfg)
+    if problem:
+        return "conflict", f"{folder} holds another run: {problem}"
     return ("skip" if results.is_complete(folder) else "resume"), None
 
 

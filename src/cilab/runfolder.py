@@ -386,20 +386,30 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
 
 
 def _check_same_config(out: Path, cfg) -> None:
+    problem = config_conflict(out, cfg)
+    if problem:
+        raise RunFolderError(f"cannot resume {out}: {problem}; rerun with the same preset and overrides")
+
+
+def config_conflict(out: Path, cfg) -> str | None:
+    """Why the run in ``out`` is not a run of ``cfg`` (None: it is, or it saved no config yet).
+
+    The one comparison for ``cilab run --resume`` and ``cilab reproduce``: the ``log``
+    section is left out, since tracking may be switched on for the rest of a run."""
     import yaml
 
     from .config import ConfigError, config_from_dict
 
     saved = out / results.CONFIG
     if not saved.exists():
-        return
+        return None  # marked but killed before its config was written: nothing to lose
     try:
         old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
-        raise RunFolderError(f"cannot resume {out}: its {results.CONFIG} is not a valid config ({e})") from None
-    if dataclasses.replace(old, log=cfg.log) != cfg:  # tracking may be switched on for the rest of a run
-        raise RunFolderError(f"cannot resume {out}: its config differs ({config_diff(old.to_dict(), cfg.to_dict())}); "
-                             "rerun with the same preset and overrides")
+        return f"its {results.CONFIG} is not a valid config ({e})"
+    if dataclasses.replace(old, log=cfg.log) != cfg:
+        return f"its config differs ({config_diff(old.to_dict(), cfg.to_dict())})"
+    return None
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> str:
