@@ -219,3 +219,39 @@ def test_presets_and_the_strong_baselines_group():
     for name in ("lucir", "podnet"):
         assert got[(name, None)] == ([0, 1, 2], [])
         assert got[(name, "b50")] == ([0, 1, 2], b50)
+
+
+def test_podnet_margin_on_the_scaled_logit_or_as_the_paper_writes():
+    from types import SimpleNamespace
+
+    from cilab.methods.podnet import PODNet, PODNetArgs
+    from cilab.models import Outputs
+
+    z, y = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([0])
+    ctx = SimpleNamespace(n_seen=3, model=SimpleNamespace(head=SimpleNamespace(scale=torch.tensor(2.0))))
+    out = Outputs(z, torch.zeros(1, 4))
+    # the authors' code: log(e^1 + e^0) - (2 - 0.5) = 1.313 - 1.5 < 0, hinged at 0
+    assert PODNet(PODNetArgs(nca_margin=0.5)).loss(z, y, out, None, ctx).item() == 0.0
+    # the paper, eta (yhat_y - delta) with eta = 2: z_y - 2 x 0.5 = 1, loss log(e + 1) - 1
+    paper = PODNet(PODNetArgs(nca_margin=0.5, margin_scaled=True)).loss(z, y, out, None, ctx).item()
+    assert paper == pytest.approx(math.log(math.e + 1) - 1, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lucir", "podnet"])
+def test_balanced_finetuning_trains_the_head_alone(method, tmp_path, monkeypatch):
+    from cilab.experiment import Protocol
+
+    seen, real = [], Protocol.train_on
+
+    def spy(self, ctx, x, y, *a, **k):
+        if "balanced" in (k.get("desc") or ""):
+            seen.append(sorted(n for n, p in ctx.model.named_parameters() if p.requires_grad))
+        return real(self, ctx, x, y, *a, **k)
+
+    monkeypatch.setattr(Protocol, "train_on", spy)
+    m = experiment.run(build_config(method, B50 + FAST[method] + ["scenario.num_tasks=2", "scenario.first_task_classes=8"]),
+                       tmp_path / method, progress=False)
+    assert m["status"] == "complete" and len(seen) == 1
+    assert seen[0] and all(n.startswith("head.") for n in seen[0]), seen  # no backward through the backbone
+    model = experiment.METHODS[method]().build_model(build_config(method, B50).model, 10)
+    assert len(seen[0]) == len(list(model.head.parameters()))

@@ -259,3 +259,8 @@ def ce_with_kd(z: Tensor, y: Tensor, z_old: Tensor | None, n_old: int, n_seen: i
     target = torch.softmax(z_old[:, :n_old].float() / T, dim=1)
     kd = -(target * torch.log_softmax(z[:, :n_old] / T, dim=1)).sum(dim=1).mean()
     return (1 - lam) * ce + lam * kd
+
+
+def feature_cosine_distillation(f: Tensor, f_old: Tensor) -> Tensor:
+    """mean_b (1 - cos(f_b, f_old_b)): LUCIR's less-forget term and PODNet's POD-flat, on the embeddings."""
+    return (1 - F.cosine_similarity(f.float(), f_old.float(), dim=1)).mean()

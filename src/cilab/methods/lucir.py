@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses import feature_cosine_distillation
 from .balanced import finetune_head
 from .base import Method, Outputs, TaskContext, register
 
@@ -84,9 +85,7 @@ def less_forget_weight(lambda_base: float, n_old: int, n_new: int, adaptive: boo
     return lambda_base * math.sqrt(n_old / n_new) if adaptive else lambda_base
 
 
-def less_forget_loss(f: torch.Tensor, f_old: torch.Tensor) -> torch.Tensor:
-    """mean_b (1 - cos(f_b, f_old_b))."""
-    return (1 - F.cosine_similarity(f.float(), f_old.float(), dim=1)).mean()
+less_forget_loss = feature_cosine_distillation  # mean_b (1 - cos(f_b, f_old_b))
 
 
 def margin_ranking_loss(cos: torch.Tensor, y: torch.Tensor, n_old: int, K: int, margin: float) -> torch.Tensor:
@@ -179,10 +178,5 @@ class LUCIR(Method):
         ctx.extra.pop("old_rows", None)  # the balanced fine-tuning may move every class
 
     def after_memory(self, ctx: TaskContext) -> None:
-        if ctx.n_old == 0 or self.args.cbf_epochs == 0:
-            return
-
-        def ce(x, y, out, old):
-            return F.cross_entropy(out.logits[:, : ctx.n_seen].float(), y)
-
-        finetune_head(ctx, ce, self.args.cbf_epochs, self.args.cbf_lr)
+        if ctx.n_old > 0:
+            finetune_head(ctx, self.args.cbf_epochs, self.args.cbf_lr)  # with the CE of self.loss, no old model

@@ -29,13 +29,17 @@ Departures, each a setting: (1) ``square``: the activations are squared
 before pooling, as in the authors' code; the paper's formula pools h itself
 (``square=false``); (2) ``stage_reduce``: the spatial term is averaged over
 the S stages, as the authors' code does (their factor 3 is tuned for it); the
-paper's formula sums (``stage_reduce=sum``, 3 x stronger on ResNet-32).
-Not settings, and departures: (3) the NCA denominator runs over c != y as in
+paper's formula sums (``stage_reduce=sum``, 3 x stronger on ResNet-32);
+(3) ``margin_scaled``: the margin is subtracted from the scaled logit,
+z_y - delta, as in the authors' code (their NCA runs at scale 1 on logits
+that the learned eta has already multiplied); the paper writes
+eta * (yhat_y - delta) (``margin_scaled=true``), a margin that grows with eta.
+Not settings, and departures: (4) the NCA denominator runs over c != y as in
 the paper (the authors' code adds a constant exp(0) term from the masked
-target); (4) new proxies are drawn at random with the network, where the
+target); (5) new proxies are drawn at random with the network, where the
 authors imprint them from k-means centres of the new classes' features (not
-implemented); (5) memory is the fixed budget K = 2000 (``memory.size``),
-where the paper keeps 20 per class; (6) the preset uses the study's schedule
+implemented); (6) memory is the fixed budget K = 2000 (``memory.size``),
+where the paper keeps 20 per class; (7) the preset uses the study's schedule
 (70 epochs, lr x0.2 at 49 and 63) with lr 0.1 and weight decay 5e-4 where the
 paper trains 160 epochs with cosine annealing from lr 0.1.
 
@@ -57,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..losses import feature_cosine_distillation
 from .balanced import finetune_head
 from .base import Method, Outputs, TaskContext, register
 
@@ -103,9 +108,7 @@ def pod_spatial_loss(old_maps, new_maps, square: bool = True, reduce: str = "mea
     return total / len(new_maps) if reduce == "mean" else total
 
 
-def pod_flat_loss(f: torch.Tensor, f_old: torch.Tensor) -> torch.Tensor:
-    """mean_b (1 - cos(f_b, f_old_b))."""
-    return (1 - F.cosine_similarity(f.float(), f_old.float(), dim=1)).mean()
+pod_flat_loss = feature_cosine_distillation  # mean_b (1 - cos(f_b, f_old_b))
 
 
 @dataclass
@@ -118,6 +121,7 @@ class PODNetArgs:
     adaptive: bool = True  # multiply both POD weights by sqrt(n_seen / n_new)
     square: bool = True  # square activations before pooling (authors' code); false: the paper's formula
     stage_reduce: str = "mean"  # mean over stages (authors' code) | sum (the paper's formula)
+    margin_scaled: bool = False  # false: z_y - delta (authors' code); true: eta * (yhat_y - delta) (the paper)
     finetune_epochs: int = 20  # balanced fine-tuning of the head on the exemplars; 0 = off
     finetune_lr: float = 0.05
 
@@ -150,7 +154,8 @@ class PODNet(Method):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, out: Outputs, old: Outputs | None,
              ctx: TaskContext) -> torch.Tensor:
-        nca = nca_loss(out.logits[:, : ctx.n_seen].float(), y, self.args.nca_margin)
+        margin = self.args.nca_margin * (ctx.model.head.scale if self.args.margin_scaled else 1.0)
+        nca = nca_loss(out.logits[:, : ctx.n_seen].float(), y, margin)
         if old is None:
             return nca
         a = self.args
@@ -159,10 +164,5 @@ class PODNet(Method):
         return nca + self.pod_weight(a.spatial_weight, ctx) * spatial + self.pod_weight(a.flat_weight, ctx) * flat
 
     def after_memory(self, ctx: TaskContext) -> None:
-        if ctx.n_old == 0 or self.args.finetune_epochs == 0:
-            return
-
-        def nca(x, y, out, old):
-            return nca_loss(out.logits[:, : ctx.n_seen].float(), y, self.args.nca_margin)
-
-        finetune_head(ctx, nca, self.args.finetune_epochs, self.args.finetune_lr)
+        if ctx.n_old > 0:
+            finetune_head(ctx, self.args.finetune_epochs, self.args.finetune_lr)  # with the NCA of self.loss
