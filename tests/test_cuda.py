@@ -91,6 +91,7 @@ def test_the_helpers_and_yardsticks_run_on_the_cpu():
     apart, yardstick, moved = _bf16_within_yardsticks(CPU, "off", fp32=a, **small)
     assert 0 < rounding < 0.1 * moved, (rounding, moved)
     assert apart < BF16_FACTOR * yardstick and apart < 0.5 * moved, (apart, yardstick, moved)
+    assert apart > 0.1 * yardstick, (apart, yardstick)  # bf16 really ran (0.45-0.5x measured, below)
 
 
 # bf16 autocast rounds activations as well as weights, at every op. Measured on the CPU

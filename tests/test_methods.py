@@ -241,6 +241,18 @@ def test_the_documented_example_method_runs_on_digits(tmp_path):
                        tmp_path / "lm", progress=False)
     assert m["method"] == "prob-match" and m["method_args"] == {"weight": 2.0}
     assert m["status"] == "complete" and len(m["fc"]["accuracy"]) == 5
+    # its loss by hand: CE ln 3 over 3 zero logits; softmax over the 2 old outputs (1/2, 1/2) against
+    # the old model's (3/4, 1/4): squared distance 1/8, times weight 2
+    import math
+    from types import SimpleNamespace
+
+    from cilab.models import Outputs
+
+    method = METHODS["prob-match"](METHODS["prob-match"].Args(weight=2.0))
+    z, z_old = torch.zeros(1, 4), torch.tensor([[math.log(3), 0.0, 5.0, 5.0]])
+    ctx = SimpleNamespace(n_old=2, n_seen=3)
+    got = method.loss(None, torch.tensor([2]), Outputs(z, None), Outputs(z_old, None), ctx).item()
+    assert got == pytest.approx(math.log(3) + 0.25, rel=1e-6)
 
 
 def test_ce_with_kd_of_wa_and_bic_by_hand():

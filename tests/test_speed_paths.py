@@ -69,8 +69,19 @@ def test_bf16_autocast_runs_the_trainer_and_a_whole_run(tmp_path):
 
     data = small_digits(tmp_path / "digits.npz")
     tiny = TINY + data
-    m = run(build_config("icarl", tiny + ["train.amp=bf16", "train.channels_last=on"]), tmp_path / "run", progress=False)
-    assert m["amp"] == "bf16" and m["status"] == "complete"
+    dtypes = set()  # what the convolutions computed in: the training steps must run in bf16
+
+    def conv_dtype(module, args, out):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            dtypes.add(out.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(conv_dtype)
+    try:
+        m = run(build_config("icarl", tiny + ["train.amp=bf16", "train.channels_last=on"]), tmp_path / "run",
+                progress=False)
+    finally:
+        hook.remove()
+    assert m["amp"] == "bf16" and m["status"] == "complete" and dtypes == {torch.bfloat16}
     # every accuracy agrees with the confusion matrices and the data's class counts (not just 0..100)
     check_bookkeeping(tmp_path / "run", m, build_config("icarl", tiny).data)
     # the run's features are fp32 whatever train.amp says: the NME means of the final model,
