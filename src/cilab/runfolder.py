@@ -219,11 +219,6 @@ def holder(folder: Path) -> LockInfo | None:
         os.close(fd)
 
 
-def left_by_dead_run(folder: Path) -> bool:
-    """A lock file is there but nobody holds it: the run that wrote it was killed."""
-    return (Path(folder) / LOCK).is_file() and holder(folder) is None
-
-
 class RunLock:
     """The exclusive lock of one run folder: ``acquire()`` ... ``release()`` (or ``with``)."""
 

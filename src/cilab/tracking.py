@@ -119,9 +119,6 @@ class Trackers(Tracker):
     def __init__(self, log_cfg):
         self.parts = [TRACKERS[name]() for name in TRACKERS if getattr(log_cfg, name, False)]
 
-    def __bool__(self) -> bool:
-        return bool(self.parts)
-
     def start(self, run_dir: Path, cfg) -> None:
         for p in self.parts:
             p.start(run_dir, cfg)

@@ -174,10 +174,11 @@ def _refuse_object_array(arrays, key: str, path: Path) -> None:
     except (KeyError, OSError):
         return
     if has_object:
-        dtype = "dtype=object"
-        raise DatasetError(f"'{path}': {key} is an array of Python objects ({dtype}), which only unpickling could "
-                           "read, and cilab never unpickles data files; save it as a numeric array, e.g. "
+        raise DatasetError(f"'{path}': {key} is an array of Python objects (dtype=object), which only unpickling "
+                           "could read, and cilab never unpickles data files; save it as a numeric array, e.g. "
                            "np.asarray(x, dtype=np.uint8) for images, np.int64 for labels")
+
+
 @DATASETS.register("cifar10")
 def load_cifar10(cfg) -> Dataset:
     """CIFAR-10 through torchvision, like CIFAR-100 (same checks and messages).

@@ -140,10 +140,7 @@ class ResNetCifar(Backbone):
             maps = self.stages(x)
             f = maps[-1].mean(dim=(2, 3))
             return Outputs(self.head(f), f, tuple(maps))
-        f = self.features(x)
-        z = self.head(f)
-        return Outputs(z, f) if with_features else z
-
+        return super().forward(x, with_features)
 
 
 @MODELS.register("resnet32")
