@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
 # One call on a fresh GPU machine: the CUDA tests and the benchmarks, JSON into OUTDIR.
 #
-#   PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR          (from the project folder)
+#   PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR [STEP ...]     (from the project folder)
 #
 # Made for a machine with PyTorch preinstalled, no internet and the project
 # copied as a folder (no install, no make): run from the project root, with
 # PYTHON (default python3) having torch and cilab's dependencies. It finishes in
-# GPU_SH_BUDGET seconds (default 465, under 8 minutes): each step has its own
-# timeout, cut to what is left of the budget, and a failing or timed-out step
-# is recorded and the next one runs. OUTDIR gets
-#   steps.json         every step: command, exit code, seconds, timed out or not
-#   env.json           python, torch, CUDA, GPU, which dependencies import
-#   tests.log/.xml     pytest: tests/test_cuda.py, tests/test_gpu_paths.py and the
-#                      reliability kill-and-resume test (its runs use train.deterministic=true)
-#   concurrency.json   cilab bench concurrency (N = 1,2,4,8) and the study's projected wall time
-#   protocol.json      cilab bench protocol: iCaRL 10 tasks x 70 epochs
-#   throughput.json    cilab bench throughput, one round
-#   *.log              each step's output
+# GPU_SH_BUDGET seconds (default 470, under 8 minutes): each step has its own
+# timeout, cut to what is left of the budget (the environment check before the
+# first step takes ~13 s), and a failing or timed-out step is recorded and the
+# next one runs. STEPs (default: tests protocol, what the H200 session of
+# 2026-11-27 left unmeasured; README, "GPU figures"), with their timeouts:
+#   tests        190 s  pytest: tests/test_cuda.py, tests/test_gpu_paths.py and the two
+#                       reliability tests of repeatability (their runs use train.deterministic=true);
+#                       GPU_SH_TESTS (space-separated) picks others, GPU_SH_PYTEST_ARGS adds options
+#                       (the device image has pytest-timeout: "-p timeout --timeout=170")
+#   concurrency  100 s  cilab bench concurrency (N = 1,2,4,8) and the study's projected wall time
+#   mps          100 s  the same with a CUDA MPS control daemon started for the step (N = 4,8),
+#                       skipped where nvidia-cuda-mps-control is missing
+#   protocol     260 s  cilab bench protocol: iCaRL, 10 tasks x GPU_SH_PROTOCOL_EPOCHS (default 70);
+#                       10 x 70 did not finish in 184 s on the H200
+#   throughput    60 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
+#                       (space-separated NAME=key=value,key=value; default: one, no overrides)
+#   suite        420 s  the whole test suite, pytest-xdist over GPU_SH_WORKERS processes (default 8)
+# OUTDIR gets at most 8 files (what a lent machine sends back): steps.json (every
+# step: command, exit code, seconds, timed out or not), env.json (python, torch,
+# CUDA, GPU, which dependencies import, MPS), one JSON per benchmark, and logs.tgz
+# (each step's output and pytest's junit xml). The last lines printed sum it up.
 # GPU_SH_SMOKE=1 makes every step tiny (seconds on a CPU), to test this script's plumbing.
 set -u
-OUT=${1:?usage: PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR}
-mkdir -p "$OUT"
+OUT=${1:?usage: PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR [STEP ...]}
+shift
+WANTED=${*:-tests protocol}
+mkdir -p "$OUT/logs"
 PY=${PYTHON:-python3}
 export PYTHONPATH=${PYTHONPATH:-src}
 # cuBLAS reads this once, when it starts: set before any CUDA work, so every test
@@ -28,7 +40,7 @@ export PYTHONPATH=${PYTHONPATH:-src}
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 SMOKE=${GPU_SH_SMOKE:-0}
 # smoke mode checks the plumbing on a (possibly busy) CPU: no 8-minute budget there
-BUDGET=${GPU_SH_BUDGET:-$([[ $SMOKE == 1 ]] && echo 1800 || echo 465)}
+BUDGET=${GPU_SH_BUDGET:-$([[ $SMOKE == 1 ]] && echo 1800 || echo 470)}
 START=$(date +%s)
 STEPS="$OUT/steps.jsonl"
 : > "$STEPS"
@@ -47,7 +59,7 @@ step() {
     fi
     echo "== $name (timeout ${limit}s): $*" >&2
     local t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
     local rc=$?
     local secs=$(($(date +%s) - t0))
     local timed_out=false
@@ -59,10 +71,11 @@ step() {
 }
 
 "$PY" - > "$OUT/env.json" 2>&1 <<'EOF'
-import importlib, json, os, platform, sys
+import importlib, json, os, platform, shutil, sys
 info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        "CUDA_MPS_PIPE_DIRECTORY": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
+        "CUDA_MPS_PIPE_DIRECTORY": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
+        "nvidia_cuda_mps_control": shutil.which("nvidia-cuda-mps-control")}
 missing = []
 for mod in ["torch", "torchvision", "numpy", "yaml", "tqdm", "sklearn", "matplotlib", "threadpoolctl", "PIL", "pytest"]:
     try:
@@ -81,31 +94,105 @@ except Exception as e:  # noqa: BLE001
 print(json.dumps(info, indent=1))
 EOF
 
+PROTOCOL_EPOCHS=${GPU_SH_PROTOCOL_EPOCHS:-70}
 if [[ $SMOKE == 1 ]]; then
     TESTS=(tests/test_cuda.py "tests/test_gpu_paths.py::test_warmups_and_captures_share_one_side_stream")
-    CONC=(--jobs 1,2 --images 32 --epochs 1 --warmup-epochs 0 --threads 1 train.batch_size=32)
+    CONC=(--images 32 --epochs 1 --warmup-epochs 0 --threads 1 train.batch_size=32)
+    JOBS=1,2 MPS_JOBS=2
     THRU=(--rounds 1 --images 64 --exemplars 0 --epochs 1 --workers 0 train.batch_size=32)
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
-    T_TESTS=400 T_CONC=400 T_PROT=400 T_THRU=400
+    SUITE=(tests/test_gpu_paths.py)
+    T_TESTS=400 T_CONC=400 T_PROT=400 T_THRU=400 T_SUITE=400
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
            "tests/test_reliability.py::test_sigkill_during_task_3_then_resume_equals_the_uninterrupted_run"
            "tests/test_reliability.py::test_same_seed_same_config_twice_gives_identical_numbers")
-    CONC=(--jobs 1,2,4,8 --epochs 5)
+    CONC=(--epochs 10)
+    JOBS=1,2,4,8 MPS_JOBS=4,8
     THRU=(--rounds 1)
-    PROT=(--tasks 10 --epochs 70 --quiet)
-    T_TESTS=110 T_CONC=100 T_PROT=200 T_THRU=60
+    PROT=(--tasks 10 --epochs "$PROTOCOL_EPOCHS" --quiet)
+    SUITE=(tests)
+    T_TESTS=190 T_CONC=100 T_PROT=260 T_THRU=60 T_SUITE=420
 fi
 
-# The tests first (correctness), then the figures of issue 17's targets (the study's
-# wall time, one iCaRL run), then throughput, which earlier sessions' figures cover.
-step tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" "${TESTS[@]}"
-step concurrency "$T_CONC" "$PY" -m cilab.cli bench concurrency --out "$OUT/concurrency.json" "${CONC[@]}"
-step protocol "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol.json" "${PROT[@]}"
-step throughput "$T_THRU" "$PY" -m cilab.cli bench throughput --out "$OUT/throughput.json" "${THRU[@]}"
+# mps: a control daemon of our own for the step (pipe and log folders under
+# /tmp), stopped after it: a daemon left running would change every later step.
+mps_concurrency() {  # PY OUT JOBS CONCURRENCY-ARGS...: runs in its own bash, under timeout
+    local py=$1 out=$2 jobs=$3 dir=/tmp/cilab-mps
+    shift 3
+    mkdir -p "$dir/pipe" "$dir/log"
+    export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
+    nvidia-cuda-mps-control -d || return 3
+    "$py" -m cilab.cli bench concurrency --out "$out/concurrency_mps.json" --jobs "$jobs" "$@"
+    local rc=$?
+    echo quit | nvidia-cuda-mps-control
+    tail -5 "$dir/log/control.log" 2>/dev/null
+    return $rc
+}
+
+for s in $WANTED; do
+    case $s in
+    tests) [[ -n ${GPU_SH_TESTS:-} ]] && read -ra TESTS <<< "$GPU_SH_TESTS"
+           # shellcheck disable=SC2086  # extra options split on spaces on purpose
+           step tests "$T_TESTS" "$PY" -m pytest -v --durations=20 -p no:cacheprovider --junitxml="$OUT/logs/tests.xml" \
+               ${GPU_SH_PYTEST_ARGS:-} "${TESTS[@]}" ;;
+    concurrency) step concurrency "$T_CONC" "$PY" -m cilab.cli bench concurrency --out "$OUT/concurrency.json" \
+                     --jobs "$JOBS" "${CONC[@]}" ;;
+    mps) if command -v nvidia-cuda-mps-control > /dev/null; then
+             step mps "$T_CONC" bash -c "$(declare -f mps_concurrency); mps_concurrency \"\$@\"" mps \
+                 "$PY" "$OUT" "$MPS_JOBS" "${CONC[@]}"
+             # a daemon left by a step cut off at its timeout stops here
+             echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1
+         else
+             echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
+         fi ;;
+    protocol) step protocol "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol.json" "${PROT[@]}" ;;
+    throughput)
+        for v in ${GPU_SH_VARIANTS:-default=}; do
+            name=${v%%=*} ov=${v#*=}
+            # shellcheck disable=SC2086  # the overrides split on the commas on purpose
+            step "throughput_$name" "$T_THRU" "$PY" -m cilab.cli bench throughput --out "$OUT/throughput_$name.json" \
+                "${THRU[@]}" ${ov//,/ }
+        done ;;
+    suite) step suite "$T_SUITE" "$PY" -m pytest -q -p no:cacheprovider -n "${GPU_SH_WORKERS:-8}" \
+               --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
+    *) echo "unknown step '$s' (tests concurrency mps protocol throughput suite)" >&2 ;;
+    esac
+done
 
 "$PY" -c 'import json, sys; steps = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 json.dump({"smoke": sys.argv[3] == "1", "total_s": int(sys.argv[4]), "steps": steps}, open(sys.argv[2], "w"), indent=1)' \
     "$STEPS" "$OUT/steps.json" "$SMOKE" "$(($(date +%s) - START))"
 rm -f "$STEPS"
+tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+# the figures in a few lines (a lent machine's reply carries the end of the output)
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for s in json.load(open(out / "steps.json"))["steps"]:
+    print(f"step {s['step']}: " + (s["skipped"] if "skipped" in s else f"rc {s['rc']} in {s['seconds']} s"
+          + (" TIMED OUT" if s["timed_out"] else "")))
+for f in sorted(out.glob("concurrency*.json")):
+    c = json.load(open(f))
+    for r in c["results"]:
+        speedup = r.get("speedup_over_one_run")
+        print(f"{f.stem} N={r['jobs']}: " + (r["error"] if "error" in r else
+              f"{r['aggregate_images_per_s']:.0f} img/s" + (f", x{speedup:.2f} over N=1" if speedup else "")))
+    st = c["study"]
+    if "projected_wall_s" in st:
+        one = st["projected_wall_s_one_at_a_time"]
+        print(f"{f.stem}: study {st['runs']} runs, {st['train_images'] / 1e6:.0f}M images, projected "
+              f"{st['projected_wall_s'] / 60:.1f} min at N={st['best_jobs']}"
+              + (f" (one at a time {one / 60:.1f} min)" if one else ""))
+if (out / "protocol.json").exists():
+    p = json.load(open(out / "protocol.json"))
+    print(f"protocol {p['tasks']}x{p['epochs']}: {p['wall_s']:.1f} s wall, train {p['train_s']:.1f} s, "
+          f"{p['train_images_per_s']:.0f} img/s, memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
+for f in sorted(out.glob("throughput*.json")):
+    t = json.load(open(f))
+    print(f"{f.stem}: a {t['a_bare_step_img_s']:.0f} b {t['b_cilab_trainer_img_s']:.0f} "
+          f"c {t['c_reference_dataloader_img_s']:.0f} img/s")
+EOF
 echo "results in $OUT (steps.json says which steps passed)" >&2
+

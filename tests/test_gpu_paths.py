@@ -193,6 +193,41 @@ def test_an_existing_deterministic_cublas_setting_is_kept(torch_state, tiny_data
     assert [s["cublas"] for s in torch_state] == [":16:8"] * 2
 
 
+@pytest.mark.parametrize("setting, callers, during", [("on", False, True), ("off", True, False),
+                                                      ("auto", True, True), ("auto", False, False)])
+def test_cudnn_benchmark_is_set_for_the_run_recorded_and_put_back(torch_state, tiny_data, tmp_path,
+                                                                  setting, callers, during):
+    from cilab.config import build_config
+    from cilab.experiment import run
+
+    torch.backends.cudnn.benchmark = callers
+    m = run(build_config("icarl", tiny_data + [f"train.cudnn_benchmark={setting}"]), tmp_path / "run", progress=False)
+    assert [s["cudnn_benchmark"] for s in torch_state] == [during] * 2  # both tasks
+    assert m["cudnn_benchmark"] is during
+    assert torch.backends.cudnn.benchmark is callers
+
+
+def test_cudnn_benchmark_auto_is_on_for_cuda_unless_deterministic():
+    from cilab.config import build_config
+    from cilab.experiment import resolve_cudnn_benchmark
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_cudnn_benchmark(build_config("icarl").train, cuda) is True
+    assert resolve_cudnn_benchmark(build_config("icarl", ["train.deterministic=true"]).train, cuda) is False
+    assert resolve_cudnn_benchmark(build_config("icarl").train, cpu) is None  # nothing to pick on a CPU
+    assert resolve_cudnn_benchmark(build_config("icarl", ["train.cudnn_benchmark=off"]).train, cuda) is False
+    assert resolve_cudnn_benchmark(build_config("icarl", ["train.cudnn_benchmark=on"]).train, cpu) is True
+
+
+def test_cudnn_benchmark_on_is_refused_with_deterministic():
+    from cilab.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="train.cudnn_benchmark=on .* train.deterministic=true forbids that"):
+        build_config("icarl", ["train.deterministic=true", "train.cudnn_benchmark=on"])
+    # deterministic turns benchmarking off itself; auto and off are fine with it
+    assert build_config("icarl", ["train.deterministic=true", "train.cudnn_benchmark=off"]).train.deterministic
+
+
 def test_deterministic_must_be_a_boolean():
     from cilab.config import ConfigError, build_config
 

@@ -129,6 +129,29 @@ def test_workers_are_processes_with_their_gpu_and_threads_and_a_crash_costs_one_
     assert a["threads"] == b["threads"] == max(1, rp._cpu_count() // 3)  # the cores shared, not oversubscribed
 
 
+def test_several_runs_per_gpu_without_mps_get_a_note_before_they_start(tmp_path, overrides, monkeypatch):
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
+    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(rp, "run_all", lambda specs, **kw: [])  # the note is said before any run starts
+    lines = []
+    reproduce("par", tmp_path / "out", overrides, groups=GROUPS, jobs=2, log=lines.append, report=False)
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert len(notes) == 1 and "2 runs at once share 1 GPU(s) by time-slicing" in notes[0]
+    assert "1.04x" in notes[0] and "1.97x" in notes[0] and "nvidia-cuda-mps-control -d" in notes[0]
+
+    # no note: MPS is running (its control pipe is there), one run per GPU, one run left, no GPU
+    (pipes / "control").touch()
+    assert LocalExecutor(jobs=2).notes(3) == []
+    (pipes / "control").unlink()
+    assert LocalExecutor(jobs=2).notes(1) == [] and LocalExecutor(jobs=1).notes(3) == []
+    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0", "1"])
+    assert LocalExecutor(jobs=2).notes(3) == [] and len(LocalExecutor(jobs=3).notes(3)) == 1
+    monkeypatch.setattr(rp, "_visible_gpus", lambda: [])
+    assert LocalExecutor(jobs=4).notes(4) == []
+
+
 def test_executor_options_are_checked_before_any_work(tmp_path, overrides, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="--jobs must be an integer >= 1"):
         make_executor("local", jobs=0)

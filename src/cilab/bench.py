@@ -210,7 +210,9 @@ def _throughput(args, setup: Setup) -> dict:
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
         "benchmark": "throughput", **_device_info(device), "amp": setup.rt.amp, "channels_last": setup.rt.channels_last,
-        "cuda_graphs": setup.rt.graphs, "deterministic": setup.rt.deterministic, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size, "model": cfg.model.name,
+        "cuda_graphs": setup.rt.graphs, "deterministic": setup.rt.deterministic,
+        "cudnn_benchmark": setup.rt.cudnn_benchmark, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size,
+        "model": cfg.model.name,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
@@ -253,6 +255,7 @@ def protocol(args) -> dict:
     return {
         "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
         "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"], "deterministic": m["deterministic"],
+        "cudnn_benchmark": m["cudnn_benchmark"],
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
@@ -463,7 +466,7 @@ def _parse_jobs(text: str | None, device: torch.device) -> list[int]:
 
 def concurrency(args) -> dict:
     """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
-    from .reproduce import _parse_seeds, load_groups
+    from .reproduce import _parse_seeds, load_groups, mps_running
 
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
     jobs = _parse_jobs(args.jobs, setup.device)
@@ -478,9 +481,10 @@ def concurrency(args) -> dict:
     out = {
         "benchmark": "concurrency", **_device_info(setup.device), "amp": setup.rt.amp,
         "channels_last": setup.rt.channels_last, "cuda_graphs": setup.rt.graphs,
-        "deterministic": setup.rt.deterministic, "batch_size": setup.cfg.train.batch_size,
+        "deterministic": setup.rt.deterministic, "cudnn_benchmark": setup.rt.cudnn_benchmark,
+        "batch_size": setup.cfg.train.batch_size,
         "images_per_run": args.images, "epochs": epochs, "warmup_epochs": args.warmup_epochs,
-        "mps": _mps_state() if setup.device.type == "cuda" else None, "load_average_1min": os.getloadavg()[0],
+        "mps_running": mps_running() if setup.device.type == "cuda" else None, "load_average_1min": os.getloadavg()[0],
         "results": results,
     }
     total = sum(r["images"] for r in study)
@@ -506,9 +510,3 @@ def concurrency(args) -> dict:
         })
     out["study"] = study_out
     return out
-
-
-def _mps_state() -> dict:
-    """Whether a CUDA MPS control daemon seems to be running (its pipe directory holds a 'control' pipe)."""
-    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return {"pipe_directory": pipe, "control_pipe_found": (Path(pipe) / "control").exists()}

@@ -79,6 +79,8 @@ class TrainConfig:
     channels_last: str = "auto"  # auto (= on; faster on CUDA and CPU) | on | off
     compile: bool = False  # torch.compile the model
     cuda_graphs: str = "auto"  # auto (on CUDA; falls back to eager if capture fails) | on | off
+    # cuDNN picks each convolution's algorithm by timing the candidates (torch.backends.cudnn.benchmark)
+    cudnn_benchmark: str = "auto"  # auto (on for CUDA unless deterministic; a CPU is left alone) | on | off
     log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
     # The study's fine-tuning holds out a fraction of each task's training data
     # and keeps the epoch with the best accuracy on it (0 = train on everything).
@@ -522,6 +524,10 @@ def validate(cfg: Config) -> None:
     _choice("train.amp", t.amp, ["auto", "bf16", "off"])
     _choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
     _choice("train.cuda_graphs", t.cuda_graphs, ["auto", "on", "off"])
+    _choice("train.cudnn_benchmark", t.cudnn_benchmark, ["auto", "on", "off"])
+    if t.deterministic and t.cudnn_benchmark == "on":
+        raise ConfigError("train.cudnn_benchmark=on picks convolution algorithms by timing, so runs can differ, "
+                          "and train.deterministic=true forbids that; set one of them off")
 
     loss = cfg.loss
     _choice("loss.classification", loss.classification, CLASSIFICATIONS)

@@ -73,3 +73,17 @@ def deterministic_algorithms(on: bool):
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool | None):
+    """``torch.backends.cudnn.benchmark`` set to ``on`` inside the block (None: left alone), put back after."""
+    if on is None:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -75,6 +75,19 @@ def resolve_cuda_graphs(train_cfg, device: torch.device) -> str:
     return train_cfg.cuda_graphs
 
 
+def resolve_cudnn_benchmark(train_cfg, device: torch.device) -> bool | None:
+    """``train.cudnn_benchmark``: True/False to set for the run, None to leave torch's setting.
+
+    auto = on for CUDA runs that are not deterministic: letting cuDNN time its
+    algorithms made the ResNet-32 step 16% faster on an H200 (bare step 35.3k ->
+    41.1k img/s, trainer 33.1k -> 38.4k; README, Speed). Deterministic runs turn
+    it off themselves, and on a CPU it does nothing, so auto leaves it there.
+    """
+    if train_cfg.cudnn_benchmark == "auto":
+        return (not train_cfg.deterministic) if device.type == "cuda" else None
+    return train_cfg.cudnn_benchmark == "on"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What the ``train`` section resolves to on this machine, resolved once per run."""
@@ -84,19 +97,24 @@ class Runtime:
     channels_last: bool
     graphs: str  # "off" | "on" | "try", see resolve_cuda_graphs
     deterministic: bool = False  # train.deterministic
+    cudnn_benchmark: bool | None = None  # train.cudnn_benchmark; None = torch's setting left as it is
 
     @classmethod
     def resolve(cls, train_cfg) -> "Runtime":
         """Refuses (ConfigError) what this machine cannot do: cuda without a GPU, cuda_graphs=on without CUDA."""
         device = resolve_device(train_cfg)
         return cls(device, resolve_amp(train_cfg, device), resolve_channels_last(train_cfg, device),
-                   resolve_cuda_graphs(train_cfg, device), train_cfg.deterministic)
+                   resolve_cuda_graphs(train_cfg, device), train_cfg.deterministic,
+                   resolve_cudnn_benchmark(train_cfg, device))
 
-    def applied(self) -> contextlib.AbstractContextManager:
-        """torch's process-wide settings for the run (train.deterministic), put back when it ends."""
-        from .determinism import deterministic_algorithms
+    @contextlib.contextmanager
+    def applied(self):
+        """torch's process-wide settings for the run (train.deterministic, train.cudnn_benchmark),
+        put back when it ends, however it ends."""
+        from .determinism import cudnn_benchmark, deterministic_algorithms
 
-        return deterministic_algorithms(self.deterministic)
+        with cudnn_benchmark(self.cudnn_benchmark), deterministic_algorithms(self.deterministic):
+            yield
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -238,7 +256,7 @@ class Protocol:
             "classes_seen": [scenario.seen(t) for t in range(scenario.num_tasks)],
             "classifiers": list(cfg.eval.classifiers), "device": str(device), "amp": runtime.amp,
             "channels_last": runtime.channels_last, "cuda_graphs": runtime.graphs,
-            "deterministic": runtime.deterministic,
+            "deterministic": runtime.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "status": "running", "completed_tasks": 0,
             **{c: {"accuracy": [], "current_task_accuracy": [], "accuracy_matrix": []} for c in cfg.eval.classifiers},
             "memory_per_class": [], "memory_total": [],

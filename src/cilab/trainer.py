@@ -193,7 +193,16 @@ class CudaGraphs(GraphBackend):
     capture stream, a node made on one stream (kept alive by the captured
     graph's loss) was used from another, and torch warned that "the
     AccumulateGrad node's stream does not match" on every run (issue 17).
+
+    The capture forbids unsafe CUDA calls in the capturing thread only
+    (``CAPTURE_MODE``): in CUDA's default, global mode, any other thread of
+    the process that pins or frees memory meanwhile (a DataLoader's
+    pin-memory thread: the reference pipeline of ``cilab bench throughput``,
+    a user's own loader in a notebook) breaks the capture with "operation
+    not permitted when stream is capturing". Seen on an H200.
     """
+
+    CAPTURE_MODE = "thread_local"
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -218,7 +227,8 @@ class CudaGraphs(GraphBackend):
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with self._on_side_stream(), torch.cuda.graph(graph, stream=self.stream):
+        with self._on_side_stream(), torch.cuda.graph(graph, stream=self.stream,
+                                                        capture_error_mode=self.CAPTURE_MODE):
             out = fn()
         return graph.replay, out
 
