@@ -25,6 +25,7 @@ class ProbMatchArgs:
 class ProbMatch(Method):
     Args = ProbMatchArgs  # its settings: method_args.weight=...
     distills = True  # keep the previous model, frozen: `old` below
+    own_loss = True  # loss() does not read the `loss` section: loss.* overrides are refused
 
     def uses_old_model(self, ctx) -> bool:
         return ctx.n_old > 0  # from task 2 on

@@ -235,8 +235,7 @@ def test_the_documented_example_method_runs_on_digits(tmp_path):
     module = importlib.util.module_from_spec(spec)
     if "prob-match" not in METHODS:
         spec.loader.exec_module(module)
-    m = experiment.run(build_config(None, TINY + ["method=prob-match", "method_args.weight=2",
-                                                  "loss.distillation=bce", "memory.size=0",
+    m = experiment.run(build_config(None, TINY + ["method=prob-match", "method_args.weight=2", "memory.size=0",
                                                   "eval.classifiers=[fc]", "train.lr=0.1"]),
                        tmp_path / "lm", progress=False)
     assert m["method"] == "prob-match" and m["method_args"] == {"weight": 2.0}
@@ -265,3 +264,44 @@ def test_ce_with_kd_of_wa_and_bic_by_hand():
     # KD = -(3/4 ln 1/2 + 1/4 ln 1/2) = ln 2; lambda = n_old / n_seen = 2/3
     assert ce_with_kd(z, y, None, 2, 3, 2.0).item() == pytest.approx(math.log(3))
     assert ce_with_kd(z, y, z_old, 2, 3, 2.0).item() == pytest.approx(math.log(3) / 3 + 2 * math.log(2) / 3)
+
+
+# -- the loss section: read by the methods that say so, refused for the others ------------------
+
+
+class _RecordingCriterion:
+    """Stands in for the ``loss`` section's criterion: records that a method's loss called it."""
+
+    distills = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, logits, y, old_logits):
+        self.calls += 1
+        return logits.float().sum() * 0.0
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_method_reads_the_loss_section_unless_it_says_it_has_its_own(name):
+    from cilab.config import build_config
+    from cilab.models import create_model
+
+    method = METHODS[name](METHODS[name].Args())
+    model = method.build_model(build_config(name).model, 4)
+    ctx = _ctx(model, 0, 2)
+    ctx.t, ctx.criterion = 0, _RecordingCriterion()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    method.loss(x, y, model(x, with_features=True), None, ctx)
+    assert ctx.criterion.calls == (0 if method.own_loss else 1), "own_loss says the opposite of what loss does"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].own_loss))
+def test_a_loss_setting_for_a_method_with_its_own_loss_is_refused(name):
+    with pytest.raises(ConfigError, match=f"method {name} has a loss of its own .* drop loss.classification"):
+        build_config(name, ["loss.classification=mse"])
+
+
+def test_the_loss_section_is_still_set_for_the_methods_that_read_it():
+    assert build_config("wa").loss.classification == "bce"  # inherited from icarl's preset, unused, not refused
+    assert build_config("icarl", ["loss.classification=mse", "loss.distillation=mse"]).loss.distillation == "mse"

@@ -70,6 +70,19 @@ def test_plan_validates_everything_before_any_run(tmp_path, npz, monkeypatch):
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
 
 
+def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(tmp_path, npz):
+    from cilab.reproduce import dropped_notes
+
+    groups = {"mixed": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "wa", "seeds": [0]}]}}
+    specs = plan("mixed", tmp_path, tiny_overrides(npz) + ["loss.classification=ce", "loss.distillation=mse"],
+                 groups=groups)
+    icarl, wa = specs
+    assert (icarl.cfg.loss.classification, icarl.cfg.loss.distillation) == ("ce", "mse")
+    assert (wa.cfg.loss.classification, wa.cfg.loss.distillation) == ("bce", "bce")  # icarl's preset, unused by wa
+    assert dropped_notes(specs) == [f"{o} not applied to wa-s0: their method has a loss of its own"
+                                    for o in ("loss.classification=ce", "loss.distillation=mse")]
+
+
 def test_reproduce_runs_skips_resumes_and_reports(tmp_path, npz, monkeypatch, capsys):
     ov = tiny_overrides(npz, tasks=2)  # two tiny trainings + one resumed task
     gfile = tmp_path / "groups.yaml"

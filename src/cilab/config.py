@@ -387,12 +387,28 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- preset <- overrides, validated."""
     data = load_preset_dict(preset) if preset else {}
+    extra = {}
     if overrides:
         extra = overrides if isinstance(overrides, dict) else overrides_to_dict(list(overrides))
         data = deep_merge(data, extra)
     cfg = from_dict(Config, data)
+    _refuse_unread_loss_settings(cfg, extra.get("loss"))  # first: the loss pair's own checks do not apply
     validate(cfg)
     return cfg
+
+
+def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:
+    """A ``loss.*`` override for a method whose loss is its own would change nothing: say so.
+
+    Only what the caller asked for is refused; a preset's own ``loss`` section
+    (inherited from the preset it extends) is left as it is, unused.
+    """
+    from .methods import METHODS
+
+    if asked and cfg.method in METHODS and METHODS[cfg.method].own_loss:  # a bad name: validate says so
+        keys = ", ".join(f"loss.{k}" for k in asked) if isinstance(asked, dict) else "loss"
+        raise ConfigError(f"method {cfg.method} has a loss of its own and does not read the loss section; "
+                          f"drop {keys} (its own settings are under method_args)")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

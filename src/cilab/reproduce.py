@@ -144,6 +144,8 @@ def _inapplicable(key: str, method) -> str | None:
     """Why a command-line override does not concern a method (it is then left out of that run)."""
     if key.startswith("memory.") and not method.uses_memory:
         return f"method {method.name} keeps no exemplars"
+    if key.startswith("loss.") and method.own_loss:
+        return f"method {method.name} has a loss of its own"
     if key.startswith("loss.distillation") and not method.distills:
         return f"method {method.name} does not distill"
     return None

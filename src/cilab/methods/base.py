@@ -92,6 +92,8 @@ class Method:
     Class attributes a method sets:
       ``Args``         dataclass of its settings, read from ``method_args`` (unknown key = error)
       ``distills``     keeps the previous model, frozen, for its loss (``ctx.old_model``)
+      ``own_loss``     its ``loss`` does not read the ``loss`` section (``ctx.criterion``): a
+                       ``loss.*`` override is then refused, not silently ignored
       ``uses_memory``  keeps exemplars: ``memory.size`` must be > 0
       ``graph_safe``   its loss / after_step can be captured in a CUDA graph
     """
@@ -99,6 +101,7 @@ class Method:
     name: ClassVar[str] = ""
     Args: ClassVar[type] = NoArgs
     distills: ClassVar[bool] = False
+    own_loss: ClassVar[bool] = False
     uses_memory: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = True
     # What training_data returns, for estimates that cannot run it (bench.study_images):
@@ -119,7 +122,7 @@ class Method:
         if not cls.distills and cfg.loss.distillation != "none":
             raise ConfigError(
                 f"method {cls.name} does not distill, but loss.distillation={cfg.loss.distillation}; "
-                "set loss.distillation=none, or use a method that distills (lwf, icarl, wa, ...)"
+                "set loss.distillation=none, or use a method whose loss reads it (lwf, icarl)"
             )
         if not cls.uses_memory and cfg.memory.size != 0:
             raise ConfigError(

@@ -77,6 +77,7 @@ class BiasCorrectedHead(nn.Module):
 @register("bic")
 class BiC(Method):
     Args = BiCArgs
+    own_loss = True  # CE + KD of its own
     distills = True
     uses_memory = True
     limits = {"T": "> 0", "val_fraction": "in (0, 1)", "bias_steps": "> 0", "bias_lr": "> 0"}

@@ -108,6 +108,7 @@ class DERNet(Backbone):
 @register("der")
 class DER(Method):
     Args = DERArgs
+    own_loss = True  # CE + its auxiliary head's CE
     uses_memory = True
     limits = {"init": ("previous", "random"), "aux_weight": ">= 0"}
 

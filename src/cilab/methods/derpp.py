@@ -57,6 +57,7 @@ class DERppArgs:
 @register("derpp")
 class DERpp(Method):
     Args = DERppArgs
+    own_loss = True  # CE + stored-logit MSE + replay CE
     uses_memory = True
 
     limits = {"alpha": ">= 0", "beta": ">= 0"}

@@ -23,6 +23,7 @@ from .base import Method, Outputs, TaskContext, register
 
 @register("er")
 class ExperienceReplay(Method):
+    own_loss = True  # CE on the replayed batch
     uses_memory = True
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, out: Outputs, old: Outputs | None,

@@ -45,6 +45,7 @@ class EWCArgs:
 @register("ewc")
 class EWC(Method):
     Args = EWCArgs
+    own_loss = True  # CE + the Fisher penalty
     limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0"}
 
     def __init__(self, args=None):

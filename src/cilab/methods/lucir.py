@@ -134,6 +134,7 @@ class LUCIRArgs:
 @register("lucir")
 class LUCIR(Method):
     Args = LUCIRArgs
+    own_loss = True  # CE + less-forget + margin ranking
     distills = True
     uses_memory = True
     limits = {**{k: ">= 0" for k in ("lambda_base", "margin", "mr_weight", "cbf_epochs")},

@@ -132,6 +132,7 @@ STAGE_REDUCE = ("mean", "sum")
 @register("podnet")
 class PODNet(Method):
     Args = PODNetArgs
+    own_loss = True  # NCA + POD
     distills = True
     uses_memory = True
     limits = {"stage_reduce": STAGE_REDUCE, **{k: "> 0" for k in ("proxies", "scale_init", "finetune_lr")},

@@ -37,6 +37,7 @@ class WAArgs:
 @register("wa")
 class WeightAligning(Method):
     Args = WAArgs
+    own_loss = True  # CE + KD of its own
     distills = True
     uses_memory = True
     limits = {"T": "> 0"}
