@@ -93,12 +93,15 @@ def test_wandb_gets_the_same_scalars_and_tensorboard_off_writes_nothing(tmp_path
     assert not (tmp_path / "out" / "tensorboard").exists()
 
 
-def test_log_switch_without_the_package_is_refused(monkeypatch):
+@pytest.mark.parametrize("switch, package, extra", [("wandb", "wandb", "wandb"), ("tensorboard", "tensorboard", "tb")])
+def test_log_switch_without_the_package_is_refused(monkeypatch, switch, package, extra):
     from cilab.config import ConfigError
 
-    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails as if not installed
-    with pytest.raises(ConfigError, match=r"log.wandb=true needs the wandb package: pip install 'cilab\[wandb\]'"):
-        build_config("icarl", ["log.wandb=true"])
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=rf"log.{switch}=true needs the {package} package: "
+                                          rf"pip install 'cilab\[{extra}\]' \(or set log.{switch}=false\)"):
+        build_config("icarl", [f"log.{switch}=true"])
+    build_config("icarl", [f"log.{switch}=false"])  # switched off, the package is not needed
 
 
 def test_a_run_resumes_with_tracking_switched_on(tmp_path):

@@ -475,17 +475,9 @@ def _check_image_data(cfg: Config) -> None:
     if cfg.memory.kind == "deepinversion" and d.image_size != 32:
         raise ConfigError(f"memory.kind=deepinversion synthesises 32x32 images, but data.image_size={d.image_size}; "
                           "use data.image_size=32 or another memory.kind")
-    if cfg.log.wandb:
-        import importlib.util
+    from .tracking import check_installed  # lazily, like the registries in validate
 
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("log.wandb=true needs the wandb package: pip install 'cilab[wandb]' (or set log.wandb=false)")
-    if cfg.log.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install 'cilab[tb]' "
-                              "(or set log.tensorboard=false)")
+    check_installed(cfg.log)
 
 
 def validate(cfg: Config) -> None:

@@ -17,13 +17,18 @@ synchronisation), ``log_task(task, metrics)`` after each task is saved, and
 | ``timing/train_images_per_s`` | task number | training throughput so far |
 
 Each value is the one metrics.json holds for that task. New backends register
-in ``TRACKERS`` under the name of their ``log.<name>`` switch.
+in ``TRACKERS`` under the name of their ``log.<name>`` switch, and name the
+package they import and the extra that installs it (``package``, ``extra``):
+a switch whose package is missing is refused before any work.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import ClassVar
 
+from .errors import ConfigError
 from .registry import Registry
 from .results import TENSORBOARD as TENSORBOARD_DIR  # inside the run folder: tensorboard --logdir runs/
 
@@ -49,6 +54,9 @@ def task_scalars(task: int, metrics: dict) -> dict[str, float]:
 class Tracker:
     """Does nothing; backends override what they record."""
 
+    package: ClassVar[str | None] = None  # what ``start`` imports, checked before any work
+    extra: ClassVar[str] = ""  # cilab's extra that installs it: pip install 'cilab[<extra>]'
+
     def start(self, run_dir: Path, cfg) -> None:
         pass
 
@@ -65,6 +73,8 @@ class Tracker:
 @TRACKERS.register("tensorboard")
 class TensorBoardTracker(Tracker):
     """Event files in ``<run folder>/tensorboard`` (torch's SummaryWriter; needs the ``tb`` extra)."""
+
+    package, extra = "tensorboard", "tb"
 
     def start(self, run_dir: Path, cfg) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -91,6 +101,8 @@ class WandbTracker(Tracker):
     from its environment variables, as everywhere else.
     """
 
+    package, extra = "wandb", "wandb"
+
     def start(self, run_dir: Path, cfg) -> None:
         import wandb
 
@@ -111,6 +123,15 @@ class WandbTracker(Tracker):
 
     def close(self) -> None:
         self.run.finish()
+
+
+def check_installed(log_cfg) -> None:
+    """ConfigError for the first tracker switched on in ``log_cfg`` whose package is not installed."""
+    for name in TRACKERS:
+        tracker = TRACKERS[name]
+        if getattr(log_cfg, name, False) and tracker.package and importlib.util.find_spec(tracker.package) is None:
+            raise ConfigError(f"log.{name}=true needs the {tracker.package} package: pip install "
+                              f"'cilab[{tracker.extra}]' (or set log.{name}=false)")
 
 
 class Trackers(Tracker):
