@@ -28,29 +28,52 @@ FAST = {"lucir": ["method_args.cbf_epochs=1"], "podnet": ["method_args.finetune_
 # -- the backbone: stage outputs, last ReLU -------------------------------------------------------
 
 
-def test_stages_end_in_the_features_and_the_plain_forward_keeps_none():
+# stage maps of a 32x32 batch of 2, by the architectures: ResNet-20, 3 stages of 16/32/64 channels,
+# stride 2 from the second; ResNet-18 with the CIFAR stem (stride 1, no pooling), 4 stages of
+# 64/128/256/512 channels, stride 2 from the second
+STAGE_SHAPES = {
+    "resnet20": [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8)],
+    "resnet18": [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_SHAPES))
+def test_stages_end_in_the_features_and_the_plain_forward_keeps_none(name):
     torch.manual_seed(0)
-    model = create_model(build_config(None, ["model.name=resnet20"]).model, 10).eval()
+    model = create_model(build_config(None, [f"model.name={name}"]).model, 10).eval()
     x = torch.randn(2, 3, 32, 32)
     maps = model.stages(x)
-    assert [tuple(m.shape) for m in maps] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8)]
+    assert [tuple(m.shape) for m in maps] == STAGE_SHAPES[name]
     assert torch.allclose(maps[-1].mean(dim=(2, 3)), model.features(x), atol=1e-6)
     out = model(x, with_features=True)
     assert out.stages == ()  # the plain step carries no stage maps
     model.return_stages = True
     out = model(x, with_features=True)
-    assert len(out.stages) == 3 and torch.allclose(out.logits, model.head(model.features(x)), atol=1e-6)
+    assert len(out.stages) == len(STAGE_SHAPES[name])
+    assert torch.allclose(out.logits, model.head(model.features(x)), atol=1e-6)
 
 
-def test_last_relu_off_leaves_signed_features():
+@pytest.mark.parametrize("name", sorted(STAGE_SHAPES))
+def test_last_relu_off_leaves_signed_features(name):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
-    on = create_model(build_config(None, ["model.name=resnet20"]).model, 10).eval()
-    off = create_model(build_config(None, ["model.name=resnet20", "model.last_relu=false"]).model, 10).eval()
+    on = create_model(build_config(None, [f"model.name={name}"]).model, 10).eval()
+    off = create_model(build_config(None, [f"model.name={name}", "model.last_relu=false"]).model, 10).eval()
     off.load_state_dict(on.state_dict())  # same weights: only the last ReLU differs
     assert (on.features(x) >= 0).all()
     assert (off.features(x) < 0).any()
     assert torch.allclose(torch.relu(off.stages(x)[-1]).mean(dim=(2, 3)), on.features(x), atol=1e-6)
+
+
+def test_podnet_and_lucir_build_on_resnet18_as_their_papers_ran_imagenet():
+    from cilab.methods import METHODS
+
+    for name in ("podnet", "lucir"):  # their presets: model.last_relu=false
+        cfg = build_config(name, ["model.name=resnet18"])
+        model = METHODS[name](METHODS[name].parse_args(cfg.method_args)).build_model(cfg.model, 10)
+        out = model(torch.randn(2, 3, 32, 32), with_features=True)
+        assert out.logits.shape == (2, 10) and (out.features < 0).any()
+        assert len(out.stages) == (4 if name == "podnet" else 0)
 
 
 # -- LUCIR --------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ MODELS: Registry = Registry("model")
 class Outputs(NamedTuple):
     """What ``model(x, with_features=True)`` gives a loss: logits (B x O) and the features the head reads (B x D).
 
-    Every backbone follows this contract (``features(x)``, ``stages(x)``,
-    ``head``, ``feature_dim``, the ``return_stages`` flag and
-    ``forward(x, with_features)``), so every method, classifier and memory
-    builder works on any of them.
+    Every backbone follows this contract (``features(x)``, ``head``,
+    ``feature_dim`` and ``forward(x, with_features)``), so every classifier
+    and memory builder, and every method but PODNet, works on any of them.
+    cilab's own ResNets (``StagedResNet``) also give ``stages(x)`` and the
+    ``return_stages`` flag, which PODNet needs.
     """
 
     logits: torch.Tensor
@@ -89,45 +90,35 @@ class BasicBlock(nn.Module):
         return F.relu(out) if self.relu else out
 
 
-class ResNetCifar(Backbone):
-    """``last_relu=False`` drops the ReLU after the last block (``model.last_relu``), so
-    features can be negative, as LUCIR and PODNet want for their cosine classifiers.
+class StagedResNet(Backbone):
+    """A ResNet as cilab's ResNets are built: a stem, then ``layers`` (one flat
+    nn.Sequential of blocks), whose stages end at ``stage_ends``, then global
+    average pooling into ``feature_dim`` features and the head.
 
     ``stages(x)`` gives the output map of each stage (for PODNet's spatial
     distillation, t-SNE and feature plots); with ``return_stages`` set, the
     training forward ``model(x, with_features=True)`` returns them in
     ``Outputs.stages`` too. Off by default: the plain step keeps nothing extra.
+    Subclasses define ``begin(x)`` (the stem) and set ``layers`` and ``stage_ends``.
     """
 
     return_stages: bool = False
+    layers: nn.Sequential
+    stage_ends: list[int]  # index one past the last block of each stage, into self.layers
 
-    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            for j in range(blocks_per_stage):
-                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        layers[-1].relu = last_relu
-        self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
-        # index one past the last block of each stage, into self.layers
-        self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
-        self.add_head(cin, num_classes)
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (normalised) -> 64-d feature vectors."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        return x.mean(dim=(2, 3))
+        """Images (normalised) -> feature vectors (the last stage's map, averaged over its positions)."""
+        return self.layers(self.begin(x)).mean(dim=(2, 3))
 
     def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Images (normalised) -> the output map of each stage (B x C x H x W), first to last.
 
         The last map, averaged over its positions, is ``features(x)``.
         """
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.begin(x)
         maps, start = [], 0
         for end in self.stage_ends:
             x = self.layers[start:end](x)
@@ -141,6 +132,28 @@ class ResNetCifar(Backbone):
             f = maps[-1].mean(dim=(2, 3))
             return Outputs(self.head(f), f, tuple(maps))
         return super().forward(x, with_features)
+
+
+class ResNetCifar(StagedResNet):
+    """``last_relu=False`` drops the ReLU after the last block (``model.last_relu``), so
+    features can be negative, as LUCIR and PODNet want for their cosine classifiers."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        layers[-1].relu = last_relu
+        self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
+        self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
+        self.add_head(cin, num_classes)
+
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
 
 
 @MODELS.register("resnet32")

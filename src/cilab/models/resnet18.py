@@ -14,7 +14,7 @@ shape are a strided 1x1 convolution with batch norm (the paper's "option B",
 as torchvision), unlike ResNet-32's parameter-free option A. Like every cilab
 backbone it splits into ``features(x)`` (512-d, after global average pooling)
 and ``head`` (a linear layer), so every classifier and memory builder works
-on it unchanged.
+on it unchanged; ``stages(x)`` gives its four stages' maps (PODNet).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import MODELS, Backbone
+from .resnet import MODELS, StagedResNet
 
 WIDTHS = (64, 128, 256, 512)
 CIFAR_STEM_MAX_SIZE = 32  # resnet18 (auto): the CIFAR stem up to this size, the ImageNet stem above
@@ -32,8 +32,9 @@ CIFAR_STEM_MAX_SIZE = 32  # resnet18 (auto): the CIFAR stem up to this size, the
 class ProjectionBlock(nn.Module):
     """Two 3x3 convolutions; a 1x1 convolution + BN on the shortcut when the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, relu: bool = True):
         super().__init__()
+        self.relu = relu  # False: the block's output is the residual sum, unrectified (model.last_relu)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
@@ -45,11 +46,12 @@ class ProjectionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = out + self.shortcut(x)
+        return F.relu(out) if self.relu else out
 
 
-class ResNet18(Backbone):
-    def __init__(self, num_classes: int, stem: str = "cifar"):
+class ResNet18(StagedResNet):
+    def __init__(self, num_classes: int, stem: str = "cifar", last_relu: bool = True):
         super().__init__()
         if stem == "cifar":
             self.stem = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False), nn.BatchNorm2d(WIDTHS[0]), nn.ReLU())
@@ -64,27 +66,28 @@ class ResNet18(Backbone):
             for j in range(2):
                 layers.append(ProjectionBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
+        layers[-1].relu = last_relu  # off for LUCIR's and PODNet's cosine heads: signed features
         self.layers = nn.Sequential(*layers)
+        self.stage_ends = [2 * (i + 1) for i in range(len(WIDTHS))]
         self.add_head(cin, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (normalised) -> 512-d feature vectors."""
-        return self.layers(self.stem(x)).mean(dim=(2, 3))
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
 
 @MODELS.register("resnet18")
-def resnet18(num_classes: int, image_size: int = 32) -> ResNet18:
-    return ResNet18(num_classes, "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet")
+def resnet18(num_classes: int, image_size: int = 32, last_relu: bool = True) -> ResNet18:
+    return ResNet18(num_classes, "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet", last_relu)
 
 
 @MODELS.register("resnet18-cifar")
-def resnet18_cifar(num_classes: int, image_size: int = 32) -> ResNet18:
-    return ResNet18(num_classes, "cifar")
+def resnet18_cifar(num_classes: int, image_size: int = 32, last_relu: bool = True) -> ResNet18:
+    return ResNet18(num_classes, "cifar", last_relu)
 
 
 @MODELS.register("resnet18-imagenet")
-def resnet18_imagenet(num_classes: int, image_size: int = 32) -> ResNet18:
-    return ResNet18(num_classes, "imagenet")
+def resnet18_imagenet(num_classes: int, image_size: int = 32, last_relu: bool = True) -> ResNet18:
+    return ResNet18(num_classes, "imagenet", last_relu)
 
 
 # The smallest input whose last stage still sees one pixel of image rather
