@@ -9,8 +9,8 @@
 # GPU_SH_BUDGET seconds (default 470, under 8 minutes): each step has its own
 # timeout, cut to what is left of the budget (the environment check before the
 # first step takes ~13 s), and a failing or timed-out step is recorded and the
-# next one runs. STEPs (default: tests protocol, what the H200 session of
-# 2026-11-27 left unmeasured; README, "GPU figures"), with their timeouts:
+# next one runs. STEPs (default: tests batched protocol, what the H200 session
+# of 2026-11-27 left unmeasured; README, "GPU figures"), with their timeouts:
 #   tests        190 s  pytest: tests/test_cuda.py, tests/test_gpu_paths.py and the two
 #                       reliability tests of repeatability (their runs use train.deterministic=true);
 #                       GPU_SH_TESTS (space-separated) picks others, GPU_SH_PYTEST_ARGS adds options
@@ -18,6 +18,7 @@
 #   concurrency  100 s  cilab bench concurrency (N = 1,2,4,8) and the study's projected wall time
 #   mps          100 s  the same with a CUDA MPS control daemon started for the step (N = 4,8),
 #                       skipped where nvidia-cuda-mps-control is missing
+#   batched       60 s  cilab bench batched (N = 1,2,4,8 ResNet-32s fused into one grouped network)
 #   protocol     260 s  cilab bench protocol: iCaRL, 10 tasks x GPU_SH_PROTOCOL_EPOCHS (default 70);
 #                       10 x 70 did not finish in 184 s on the H200
 #   throughput    60 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
@@ -31,7 +32,7 @@
 set -u
 OUT=${1:?usage: PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR [STEP ...]}
 shift
-WANTED=${*:-tests protocol}
+WANTED=${*:-tests batched protocol}
 mkdir -p "$OUT/logs"
 PY=${PYTHON:-python3}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -101,6 +102,7 @@ if [[ $SMOKE == 1 ]]; then
     JOBS=1,2 MPS_JOBS=2
     THRU=(--rounds 1 --images 64 --exemplars 0 --epochs 1 --workers 0 train.batch_size=32)
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
+    BATCHED=(--models 1,2 --steps 1 train.batch_size=4 model.name=resnet20)
     SUITE=(tests/test_gpu_paths.py)
     T_TESTS=400 T_CONC=400 T_PROT=400 T_THRU=400 T_SUITE=400
 else
@@ -111,6 +113,7 @@ else
     JOBS=1,2,4,8 MPS_JOBS=4,8
     THRU=(--rounds 1)
     PROT=(--tasks 10 --epochs "$PROTOCOL_EPOCHS" --quiet)
+    BATCHED=()
     SUITE=(tests)
     T_TESTS=190 T_CONC=100 T_PROT=260 T_THRU=60 T_SUITE=420
 fi
@@ -146,6 +149,7 @@ for s in $WANTED; do
          else
              echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
          fi ;;
+    batched) step batched "$T_THRU" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" "${BATCHED[@]}" ;;
     protocol) step protocol "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol.json" "${PROT[@]}" ;;
     throughput)
         for v in ${GPU_SH_VARIANTS:-default=}; do
@@ -156,7 +160,7 @@ for s in $WANTED; do
         done ;;
     suite) step suite "$T_SUITE" "$PY" -m pytest -q -p no:cacheprovider -n "${GPU_SH_WORKERS:-8}" \
                --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
-    *) echo "unknown step '$s' (tests concurrency mps protocol throughput suite)" >&2 ;;
+    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite)" >&2 ;;
     esac
 done
 
@@ -189,6 +193,11 @@ if (out / "protocol.json").exists():
     p = json.load(open(out / "protocol.json"))
     print(f"protocol {p['tasks']}x{p['epochs']}: {p['wall_s']:.1f} s wall, train {p['train_s']:.1f} s, "
           f"{p['train_images_per_s']:.0f} img/s, memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
+if (out / "batched.json").exists():
+    b = json.load(open(out / "batched.json"))
+    for r in b["results"]:
+        print(f"batched N={r['models']}: {r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1")
+    print(f"batched: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
 for f in sorted(out.glob("throughput*.json")):
     t = json.load(open(f))
     print(f"{f.stem}: a {t['a_bare_step_img_s']:.0f} b {t['b_cilab_trainer_img_s']:.0f} "

@@ -323,6 +323,36 @@ def test_concurrency_benchmark_json_adds_up(tmp_path):
     assert s["projected_wall_s_one_at_a_time"] == pytest.approx(44_800_000 / one)
 
 
+def test_batched_benchmark_json_adds_up(tmp_path):
+    from cilab import cli
+
+    out = tmp_path / "batched.json"
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("g:\n  runs:\n    - {preset: finetune, seeds: [0]}\n")
+    assert cli.main(["bench", "batched", "--models", "1,3", "--steps", "2", "--study-seeds", "0,1", "--groups-file",
+                     str(groups), "--out", str(out), "train.batch_size=4", "model.name=resnet20",
+                     "train.device=cpu"]) == 0
+    d = json.loads(out.read_text())
+    assert [(r["models"], r["images"]) for r in d["results"]] == [(1, 2 * 4), (3, 2 * 4 * 3)]  # steps x batch x N
+    for r in d["results"]:
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
+    one, three = (r["images_per_s"] for r in d["results"])
+    assert d["results"][1]["speedup_over_one_model"] == pytest.approx(three / one)
+    # finetune, seeds 0 and 1: 2 x 3,150,000 images (see test_concurrency_benchmark_json_adds_up)
+    assert d["study_train_images"] == 6_300_000
+    assert d["projected_study_train_s_at_best"] == pytest.approx(6_300_000 / max(one, three))
+
+
+def test_batched_benchmark_refuses_what_it_cannot_fuse(capsys):
+    from cilab import cli
+
+    assert cli.main(["bench", "batched", "model.name=resnet18"]) == 2
+    assert "bench batched fuses cilab's CIFAR ResNets (resnet20, resnet32), not model.name=resnet18" in \
+        capsys.readouterr().err
+    assert cli.main(["bench", "batched", "--models", "0,2"]) == 2
+    assert "--models must be comma-separated integers >= 1" in capsys.readouterr().err
+
+
 def test_concurrency_benchmark_refuses_bad_jobs(capsys):
     from cilab import cli
 
@@ -397,3 +427,14 @@ def test_concurrency_benchmark_on_the_gpu(tmp_path):
     assert not any("error" in r for r in d["results"]), d["results"]
     assert d["device"].startswith("cuda") and d["cuda_graphs"] == "try"
     assert all(run["images"] == 1024 for r in d["results"] for run in r["runs"])
+
+
+@cuda
+def test_batched_benchmark_on_the_gpu(tmp_path):
+    from cilab import cli
+
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "batched", "--models", "1,2", "--steps", "5", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["device"].startswith("cuda") and d["cuda_graphs"] == "try" and d["model"] == "resnet32"
+    assert [(r["models"], r["images"]) for r in d["results"]] == [(1, 5 * 128), (2, 2 * 5 * 128)]

@@ -18,6 +18,10 @@ how the batches reach the step.
 
 ``cilab bench protocol`` times a whole iCaRL run (training, memory, evaluation).
 
+``cilab bench batched`` times one step of N ResNets fused into one grouped
+network (models/grouped.py) for each N: the other way to put several runs on
+one GPU, one process and N-times larger kernels.
+
 ``cilab bench concurrency`` runs N short trainings at once, each its own
 process on the one device (as ``cilab reproduce --jobs N`` does), for each N
 asked for; it reports every run's images and start/end times, the aggregate
@@ -293,13 +297,27 @@ def add_parser(sub) -> None:
     c.add_argument("--epochs", type=int, default=0, help="timed epochs of each run; 0 = 10 on CUDA, 1 on CPU")
     c.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (CUDA start, graph capture)")
     c.add_argument("--threads", type=int, help="CPU threads per run (default: the cores divided by N, as reproduce --jobs)")
-    c.add_argument("--study-seeds", default="0,1,2", help="seeds of every run of the projected study (default 0,1,2)")
-    c.add_argument("--groups-file", type=Path, help="groups of the projected study (default: the bundled groups.yaml)")
-    c.add_argument("--classes", type=int, default=100, help="classes of the study's data (CIFAR-100: 100)")
-    c.add_argument("--per-class", type=int, default=500, help="training images per class of the study's data (CIFAR-100: 500)")
+    _study_arguments(c)
     c.add_argument("--out", type=Path, help="also write the JSON here")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the runs (train.*)")
     c.set_defaults(func=_cmd(concurrency))
+    g = bsub.add_parser("batched", help="training images/s of N ResNets fused into one grouped network, per N")
+    g.add_argument("--models", metavar="N,N,...", help="networks fused, to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
+    g.add_argument("--steps", type=int, default=0, help="timed steps per N; 0 = 200 on CUDA, 2 on CPU")
+    _study_arguments(g)
+    g.add_argument("--out", type=Path, help="also write the JSON here")
+    g.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (train.*, model.name=resnet20|resnet32)")
+    g.set_defaults(func=_cmd(batched))
+
+
+def _study_arguments(p) -> None:
+    """The projected study's options (concurrency, batched): which runs, and the data's size."""
+    p.add_argument("--study-seeds", default="0,1,2", help="seeds of every run of the projected study (default 0,1,2)")
+    p.add_argument("--groups-file", type=Path, help="groups of the projected study (default: the bundled groups.yaml)")
+    p.add_argument("--classes", type=int, default=100, help="classes of the study's data (CIFAR-100: 100)")
+    p.add_argument("--per-class", type=int, default=500,
+                   help="training images per class of the study's data (CIFAR-100: 500)")
 
 
 def _cmd(fn):
@@ -450,7 +468,7 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
     return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}
 
 
-def _parse_jobs(text: str | None, device: torch.device) -> list[int]:
+def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
     from .config import ConfigError
 
     if text is None:
@@ -460,7 +478,7 @@ def _parse_jobs(text: str | None, device: torch.device) -> list[int]:
     except ValueError:
         jobs = []
     if not jobs or min(jobs) < 1:
-        raise ConfigError(f"--jobs must be comma-separated integers >= 1 (e.g. 1,2,4,8), got '{text}'")
+        raise ConfigError(f"{option} must be comma-separated integers >= 1 (e.g. 1,2,4,8), got '{text}'")
     return jobs
 
 
@@ -510,3 +528,71 @@ def concurrency(args) -> dict:
         })
     out["study"] = study_out
     return out
+
+
+# -- cilab bench batched ----------------------------------------------------------------------
+#
+# The same step as concurrency's runs (iCaRL's second task: BCE on 10 new outputs,
+# BCE distillation on 10 old ones, the old network's forward), for N networks
+# fused into one (models/grouped.py), on one fixed batch per network already on
+# the device, like throughput's bare step (a): the ceiling of this way of
+# sharing the GPU, to set against concurrency's aggregate under MPS.
+
+GROUPED_BLOCKS = {"resnet20": 3, "resnet32": 5}  # blocks per stage of the CIFAR ResNets that fuse
+
+
+def batched(args) -> dict:
+    """Aggregate training img/s of N fused networks for each N, and the study's training time at the best."""
+    from .config import ConfigError
+    from .models.grouped import GroupedResNetCifar
+    from .reproduce import _parse_seeds, load_groups
+
+    setup = Setup(args.overrides)
+    cfg, device = setup.cfg, setup.device
+    if cfg.model.name not in GROUPED_BLOCKS:
+        raise ConfigError(f"bench batched fuses cilab's CIFAR ResNets ({', '.join(GROUPED_BLOCKS)}), "
+                          f"not model.name={cfg.model.name}")
+    models = _parse_jobs(args.models, device, "--models")
+    steps = args.steps or (200 if device.type == "cuda" else 2)
+    bs = cfg.train.batch_size
+    crit = Criterion(cfg.loss.classification, cfg.loss.distillation, 10, 20)
+    results = []
+    with setup.rt.applied():
+        for n in models:
+            torch.manual_seed(0)
+            model = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
+            old = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
+            old.eval().requires_grad_(False)
+
+            def loss_fn(x, y, out, old_out, n=n):
+                # every network's mean loss, summed: B x N rows as one batch of B*N, times N
+                rows = len(y) * n
+                return n * crit(out.logits.reshape(rows, -1), y.reshape(rows),
+                                old_out.logits.reshape(rows, -1))
+
+            step, _, _ = build_step(model, cfg.train, loss_fn, old, device, setup.rt.amp, setup.rt.graphs)
+            x = torch.randn(bs, 3 * n, 32, 32, device=device).contiguous(memory_format=setup.memory_format)
+            y = torch.randint(0, 20, (bs, n), device=device)
+            for _ in range(GraphedStep.WARMUP + 2):  # warm-up and capture, not timed
+                step(x, y)
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(x, y)
+            _sync(device)
+            seconds = time.perf_counter() - t
+            results.append({"models": n, "steps": steps, "images": steps * bs * n, "seconds": seconds,
+                            "images_per_s": steps * bs * n / seconds})
+            del model, old, step
+    base = next((r for r in results if r["models"] == 1), None)
+    for r in results:
+        r["speedup_over_one_model"] = r["images_per_s"] / base["images_per_s"] if base else None
+    best = max(results, key=lambda r: r["images_per_s"])
+    total = sum(r["images"] for r in study_images(load_groups(args.groups_file), _parse_seeds(args.study_seeds),
+                                                  classes=args.classes, per_class=args.per_class))
+    return {"benchmark": "batched", **_device_info(device), "model": cfg.model.name, "amp": setup.rt.amp,
+            "channels_last": setup.rt.channels_last, "cuda_graphs": setup.rt.graphs,
+            "cudnn_benchmark": setup.rt.cudnn_benchmark, "batch_size_per_model": bs, "results": results,
+            "study_train_images": total, "best_models": best["models"],
+            # a ceiling: every image at the best fused rate, no data loading, herding or evaluation
+            "projected_study_train_s_at_best": total / best["images_per_s"]}

@@ -1,0 +1,122 @@
+"""N CIFAR ResNets as one network, for measuring whether several runs' steps should train as one.
+
+Issue 17's study is ~100 small runs; one ResNet-32 step at batch 128 leaves a
+large GPU mostly idle, and N processes under MPS reached only about twice one
+run's rate on an H200 (README, "Several runs on one GPU"). The other lever is
+to train the N runs' networks as one network whose kernels are N times larger.
+``GroupedResNetCifar`` is that network: N independent ResNets of one
+architecture, their convolutions fused into grouped convolutions
+(``groups=N``), which is also how ``torch.func.vmap`` batches a convolution
+over stacked weights; here it is plain modules, so the step is captured in a
+CUDA graph like any other.
+
+Layout: model i reads channels [3i, 3i + 3) of the input (B x 3N x H x W, each
+model its own batch of B images) and owns channel group i of every layer;
+logits are B x N x classes. Nothing mixes between groups, so each model
+computes exactly what it would alone:
+  * a grouped convolution is N separate convolutions;
+  * batch norm is per channel, and each channel belongs to one model, whose
+    batch statistics are those of its own B images;
+  * option-A shortcuts pad each model's channels separately;
+  * the sum of the N models' losses has, for model i's parameters, the
+    gradient of model i's own loss, and SGD with momentum and weight decay is
+    elementwise, so one optimiser step is N independent steps.
+``tests/test_grouped.py`` checks outputs and two SGD steps against N separate
+ResNets. ``cilab bench batched`` times the fused step for N = 1, 2, 4, 8.
+Nothing in a run uses it yet: it is the measurement that decides whether
+cilab should train several seeds as one model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .resnet import Outputs, ResNetCifar
+
+
+class GroupedBasicBlock(nn.Module):
+    """N copies of resnet.BasicBlock side by side (grouped convolutions, per-model channel padding)."""
+
+    def __init__(self, n: int, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.n, self.cin, self.cout, self.stride = n, cin, cout, stride
+        self.conv1 = nn.Conv2d(n * cin, n * cout, 3, stride, 1, bias=False, groups=n)
+        self.bn1 = nn.BatchNorm2d(n * cout)
+        self.conv2 = nn.Conv2d(n * cout, n * cout, 3, 1, 1, bias=False, groups=n)
+        self.bn2 = nn.BatchNorm2d(n * cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.cout != self.cin:
+            s = x[:, :, :: self.stride, :: self.stride]
+            b, _, h, w = s.shape
+            pad = self.cout - self.cin  # option A: zeros above and below each model's own channels
+            s = F.pad(s.reshape(b, self.n, self.cin, h, w), (0, 0, 0, 0, pad // 2, pad - pad // 2))
+            shortcut = s.reshape(b, self.n * self.cout, h, w)
+        return F.relu(out + shortcut)  # out first: the sum keeps out's memory format (channels_last)
+
+
+class GroupedResNetCifar(nn.Module):
+    """N ResNet-(6k+2) of cilab's CIFAR family in one module; ``forward`` as a Backbone's, logits B x N x classes."""
+
+    def __init__(self, n: int, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
+        super().__init__()
+        self.n = n
+        self.conv1 = nn.Conv2d(3 * n, n * widths[0], 3, 1, 1, bias=False, groups=n)
+        self.bn1 = nn.BatchNorm2d(n * widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                layers.append(GroupedBasicBlock(n, cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.feature_dim = cin
+        self.head_weight = nn.Parameter(torch.zeros(n, num_classes, cin))
+        self.head_bias = nn.Parameter(torch.zeros(n, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3N x H x W -> B x N x feature_dim."""
+        f = self.layers(F.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+        return f.reshape(len(f), self.n, self.feature_dim)
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        f = self.features(x)
+        z = torch.einsum("bnd,ncd->bnc", f, self.head_weight) + self.head_bias
+        return Outputs(z, f) if with_features else z
+
+    @classmethod
+    def fuse(cls, models: list[ResNetCifar]) -> "GroupedResNetCifar":
+        """One module computing what ``models`` (same architecture, last ReLU on) compute, with their weights."""
+        first = models[0]
+        blocks = first.stage_ends[0]
+        widths = [first.layers[end - 1].conv2.out_channels for end in first.stage_ends]
+        fused = cls(len(models), blocks, first.head.out_features, widths)
+        states = [m.state_dict() for m in models]
+        own = fused.state_dict()
+        with torch.no_grad():
+            for key, value in own.items():
+                if key.startswith("head_"):
+                    name = "head." + key.removeprefix("head_")
+                    value.copy_(torch.stack([s[name] for s in states]))
+                elif value.dim() == 0:  # BatchNorm's num_batches_tracked: the same count in every model
+                    value.copy_(states[0][key])
+                else:  # conv weights (out channels first) and BatchNorm vectors: model i's block i
+                    value.copy_(torch.cat([s[key] for s in states]))
+        return fused
+
+    def unfuse(self, i: int) -> dict[str, torch.Tensor]:
+        """Model i's weights, as a ResNetCifar state dict (the inverse of ``fuse``)."""
+        out = {}
+        for key, value in self.state_dict().items():
+            if key.startswith("head_"):
+                out["head." + key.removeprefix("head_")] = value[i]
+            elif value.dim() == 0:
+                out[key] = value
+            else:
+                size = len(value) // self.n
+                out[key] = value[i * size: (i + 1) * size]
+        return out
