@@ -513,11 +513,7 @@ class RayExecutor:
     """
 
     in_process = False
-    active = "on the cluster"
-
-    def notes(self, runs: int) -> list[str]:
-        return []  # the GPU share of each run is the cluster's (--gpus-per-run)
-  # Ray queues what it has no free resources for: running or waiting, we cannot tell
+    active = "on the cluster"  # Ray queues what it has no free resources for: running or waiting, we cannot tell
 
     def __init__(self, address: str | None = None, gpus_per_run: float | None = None, cpus_per_run: float = 1.0,
                  threads: int | None = None):
@@ -532,6 +528,9 @@ class RayExecutor:
             raise ConfigError(f"--cpus-per-run must be > 0, got {cpus_per_run}")
         _check_threads(threads)
         self.address, self.gpus_per_run, self.cpus_per_run, self.threads = address, gpus_per_run, cpus_per_run, threads
+
+    def notes(self, runs: int) -> list[str]:
+        return []  # how runs share a GPU is the cluster's business (--gpus-per-run)
 
     def __call__(self, specs: list[RunSpec], work) -> Iterator[Event]:
         import ray
