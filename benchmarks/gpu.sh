@@ -24,10 +24,12 @@
 #   throughput    60 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
 #                       (space-separated NAME=key=value,key=value; default: one, no overrides)
 #   suite        420 s  the whole test suite, pytest-xdist over GPU_SH_WORKERS processes (default 8)
-# OUTDIR gets at most 8 files (what a lent machine sends back): steps.json (every
-# step: command, exit code, seconds, timed out or not), env.json (python, torch,
-# CUDA, GPU, which dependencies import, MPS), one JSON per benchmark, and logs.tgz
-# (each step's output and pytest's junit xml). The last lines printed sum it up.
+# OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
+# not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
+# JSON per benchmark and per throughput variant, and logs.tgz (each step's
+# output and pytest's junit xml). A lent machine sends back at most 8 files:
+# the default steps write 5. The last lines printed sum it up. The timeouts
+# are caps; the default steps took ~145 + ~40 + ~190 s of the budget.
 # GPU_SH_SMOKE=1 makes every step tiny (seconds on a CPU), to test this script's plumbing.
 set -u
 OUT=${1:?usage: PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR [STEP ...]}
@@ -71,7 +73,7 @@ step() {
     echo "   $name: exit $rc after ${secs}s" >&2
 }
 
-"$PY" - > "$OUT/env.json" 2>&1 <<'EOF'
+"$PY" - > "$OUT/env.json" 2> "$OUT/logs/env.err" <<'EOF'
 import importlib, json, os, platform, shutil, sys
 info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
@@ -149,7 +151,7 @@ for s in $WANTED; do
          else
              echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
          fi ;;
-    batched) step batched "$T_THRU" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" "${BATCHED[@]}" ;;
+    batched) step batched "$T_THRU" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" ${BATCHED[@]+"${BATCHED[@]}"} ;;
     protocol) step protocol "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol.json" "${PROT[@]}" ;;
     throughput)
         for v in ${GPU_SH_VARIANTS:-default=}; do

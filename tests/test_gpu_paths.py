@@ -201,7 +201,8 @@ def test_cudnn_benchmark_is_set_for_the_run_recorded_and_put_back(torch_state, t
     from cilab.experiment import run
 
     torch.backends.cudnn.benchmark = callers
-    m = run(build_config("icarl", tiny_data + [f"train.cudnn_benchmark={setting}"]), tmp_path / "run", progress=False)
+    m = run(build_config("icarl", tiny_data + ["train.device=cpu", f"train.cudnn_benchmark={setting}"]),
+            tmp_path / "run", progress=False)  # on the CPU auto leaves torch's setting; the GPU case is below
     assert [s["cudnn_benchmark"] for s in torch_state] == [during] * 2  # both tasks
     assert m["cudnn_benchmark"] is during
     assert torch.backends.cudnn.benchmark is callers
@@ -334,6 +335,7 @@ def test_batched_benchmark_json_adds_up(tmp_path):
                      "train.device=cpu"]) == 0
     d = json.loads(out.read_text())
     assert [(r["models"], r["images"]) for r in d["results"]] == [(1, 2 * 4), (3, 2 * 4 * 3)]  # steps x batch x N
+    assert not any(r["graphed"] for r in d["results"])  # no CUDA graphs on a CPU
     for r in d["results"]:
         assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
     one, three = (r["images_per_s"] for r in d["results"])
@@ -438,3 +440,16 @@ def test_batched_benchmark_on_the_gpu(tmp_path):
     d = json.loads(out.read_text())
     assert d["device"].startswith("cuda") and d["cuda_graphs"] == "try" and d["model"] == "resnet32"
     assert [(r["models"], r["images"]) for r in d["results"]] == [(1, 5 * 128), (2, 2 * 5 * 128)]
+    assert all(r["graphed"] for r in d["results"])  # the fused step is captured like any other
+
+
+
+@cuda
+def test_cudnn_benchmark_auto_is_on_in_a_cuda_run_and_put_back(torch_state, tiny_data, tmp_path):
+    from cilab.config import build_config
+    from cilab.experiment import run
+
+    torch.backends.cudnn.benchmark = False
+    m = run(build_config("icarl", tiny_data + ["train.device=cuda"]), tmp_path / "run", progress=False)
+    assert [s["cudnn_benchmark"] for s in torch_state] == [True] * 2 and m["cudnn_benchmark"] is True
+    assert torch.backends.cudnn.benchmark is False

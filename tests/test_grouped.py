@@ -65,3 +65,14 @@ def test_one_sgd_step_of_the_fused_network_is_one_step_of_each_model():
         fused_opt.step()
     for i, m in enumerate(models):
         torch.testing.assert_close(fused.unfuse(i), m.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_refuses_what_it_would_compute_differently():
+    import pytest
+
+    with pytest.raises(ValueError, match="one architecture"):
+        GroupedResNetCifar.fuse([ResNetCifar(1, 10), ResNetCifar(2, 10)])
+    with pytest.raises(ValueError, match="one architecture"):
+        GroupedResNetCifar.fuse([ResNetCifar(1, 10), ResNetCifar(1, 5)])
+    with pytest.raises(ValueError, match="last ReLU"):
+        GroupedResNetCifar.fuse([ResNetCifar(1, 10, last_relu=False)] * 2)

@@ -289,17 +289,29 @@ def test_a_method_reads_the_loss_section_unless_it_says_it_has_its_own(name):
 
     method = METHODS[name](METHODS[name].Args())
     model = method.build_model(build_config(name).model, 4)
-    ctx = _ctx(model, 0, 2)
-    ctx.t, ctx.criterion = 0, _RecordingCriterion()
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
-    method.loss(x, y, model(x, with_features=True), None, ctx)
-    assert ctx.criterion.calls == (0 if method.own_loss else 1), "own_loss says the opposite of what loss does"
+    x = torch.randn(4, 3, 32, 32)
+    # the first task (no old model), then a later one with the old model's outputs, where a
+    # method might call the criterion only to distill
+    for t, n_old, y, old in ((0, 0, torch.tensor([0, 1, 0, 1]), None),
+                             (1, 2, torch.tensor([2, 3, 2, 3]), model(x, with_features=True))):
+        ctx = _ctx(model, n_old, n_old + 2)
+        ctx.t, ctx.criterion = t, _RecordingCriterion()
+        if t and getattr(model, "aux_head", 0) is None:  # DER grows its auxiliary head in before_task
+            model.aux_head = torch.nn.Linear(model.dims[-1], 2 + 1)  # the new classes + one for all old
+        method.loss(x, y, model(x, with_features=True), old, ctx)
+        assert ctx.criterion.calls == (0 if method.own_loss else 1), f"task {t}: own_loss says the opposite"
 
 
 @pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].own_loss))
 def test_a_loss_setting_for_a_method_with_its_own_loss_is_refused(name):
     with pytest.raises(ConfigError, match=f"method {name} has a loss of its own .* drop loss.classification"):
         build_config(name, ["loss.classification=mse"])
+
+
+def test_a_method_with_its_own_loss_runs_whatever_the_loss_section_says():
+    # the defaults' loss.distillation=bce: no "set loss.distillation=none" for a method that never reads it
+    for name in ("er", "ewc", "der", "derpp"):
+        assert build_config(None, [f"method={name}"] + (["memory.size=0", "eval.classifiers=[fc]"] if name == "ewc" else MEM)).method == name
 
 
 def test_the_loss_section_is_still_set_for_the_methods_that_read_it():

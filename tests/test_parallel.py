@@ -141,15 +141,19 @@ def test_several_runs_per_gpu_without_mps_get_a_note_before_they_start(tmp_path,
     assert len(notes) == 1 and "2 runs at once share 1 GPU(s) by time-slicing" in notes[0]
     assert "1.04x" in notes[0] and "1.97x" in notes[0] and "nvidia-cuda-mps-control -d" in notes[0]
 
-    # no note: MPS is running (its control pipe is there), one run per GPU, one run left, no GPU
+    # no note: MPS is running (its control pipe is there), one run per GPU, one run left, no GPU,
+    # runs on the CPU
+    specs = rp.plan("par", tmp_path / "out", overrides, groups=GROUPS)  # 3 runs, train.device=auto
     (pipes / "control").touch()
-    assert LocalExecutor(jobs=2).notes(3) == []
+    assert LocalExecutor(jobs=2).notes(specs) == []
     (pipes / "control").unlink()
-    assert LocalExecutor(jobs=2).notes(1) == [] and LocalExecutor(jobs=1).notes(3) == []
+    assert LocalExecutor(jobs=2).notes(specs[:1]) == [] and LocalExecutor(jobs=1).notes(specs) == []
+    on_cpu = rp.plan("par", tmp_path / "out", overrides + ["train.device=cpu"], groups=GROUPS)
+    assert len(LocalExecutor(jobs=3).notes(specs)) == 1 and LocalExecutor(jobs=3).notes(on_cpu) == []
     monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0", "1"])
-    assert LocalExecutor(jobs=2).notes(3) == [] and len(LocalExecutor(jobs=3).notes(3)) == 1
+    assert LocalExecutor(jobs=2).notes(specs) == [] and len(LocalExecutor(jobs=3).notes(specs)) == 1
     monkeypatch.setattr(rp, "_visible_gpus", lambda: [])
-    assert LocalExecutor(jobs=4).notes(4) == []
+    assert LocalExecutor(jobs=4).notes(specs) == []
 
 
 def test_executor_options_are_checked_before_any_work(tmp_path, overrides, monkeypatch, capsys):

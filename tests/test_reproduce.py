@@ -81,6 +81,11 @@ def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(
     assert (wa.cfg.loss.classification, wa.cfg.loss.distillation) == ("bce", "bce")  # icarl's preset, unused by wa
     assert dropped_notes(specs) == [f"{o} not applied to wa-s0: their method has a loss of its own"
                                     for o in ("loss.classification=ce", "loss.distillation=mse")]
+    # a whole section at once is left out the same way
+    specs = plan("mixed", tmp_path, tiny_overrides(npz) + ["loss={classification: ce, distillation: mse}"],
+                 groups=groups)
+    assert specs[0].cfg.loss.classification == "ce" and specs[1].cfg.loss.classification == "bce"
+    assert [o for o, _ in specs[1].dropped] == ["loss={classification: ce, distillation: mse}"]
 
 
 def test_reproduce_runs_skips_resumes_and_reports(tmp_path, npz, monkeypatch, capsys):

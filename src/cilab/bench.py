@@ -581,8 +581,10 @@ def batched(args) -> dict:
                 step(x, y)
             _sync(device)
             seconds = time.perf_counter() - t
+            # a failed capture falls back to eager steps ("try"): say which the figure is
+            graphed = isinstance(step, GraphedStep) and not step.failed
             results.append({"models": n, "steps": steps, "images": steps * bs * n, "seconds": seconds,
-                            "images_per_s": steps * bs * n / seconds})
+                            "images_per_s": steps * bs * n / seconds, "graphed": graphed})
             del model, old, step
     base = next((r for r in results if r["models"] == 1), None)
     for r in results:

@@ -142,9 +142,10 @@ def _key(text: str) -> str:
 
 def _inapplicable(key: str, method) -> str | None:
     """Why a command-line override does not concern a method (it is then left out of that run)."""
-    if key.startswith("memory.") and not method.uses_memory:
+    section = key.split(".", 1)[0]  # memory.size=... and a whole memory={...} alike
+    if section == "memory" and not method.uses_memory:
         return f"method {method.name} keeps no exemplars"
-    if key.startswith("loss.") and method.own_loss:
+    if section == "loss" and method.own_loss:
         return f"method {method.name} has a loss of its own"
     if key.startswith("loss.distillation") and not method.distills:
         return f"method {method.name} does not distill"
@@ -316,6 +317,8 @@ def _result_line(res: RunResult, i: int, n: int) -> str:
 # a group gives the same run folders whichever way it ran. Executors are built
 # before the plan, so a bad option or a missing package stops the command
 # before any work.
+# An executor may also define ``notes(specs) -> list[str]``: advice printed
+# before the runs start (LocalExecutor: several runs on one GPU want MPS).
 
 Event = tuple[str, "RunSpec | RunResult"]
 EXECUTORS: dict[str, type] = {}
@@ -428,10 +431,11 @@ class LocalExecutor:
     def in_process(self) -> bool:
         return self.jobs == 1
 
-    def notes(self, runs: int) -> list[str]:
-        """What the user should know before ``runs`` runs start: several runs per GPU without MPS gain nothing."""
-        gpus, at_once = _visible_gpus(), min(self.jobs, runs)
-        if not gpus or at_once <= len(gpus) or mps_running():
+    def notes(self, specs: list[RunSpec]) -> list[str]:
+        """What the user should know before ``specs`` run: several runs per GPU without MPS gain nothing."""
+        gpus, at_once = _visible_gpus(), min(self.jobs, len(specs))
+        on_gpu = any(s.cfg.train.device != "cpu" for s in specs)  # auto is the GPU where there is one
+        if not gpus or not on_gpu or at_once <= len(gpus) or mps_running():
             return []
         return [f"{at_once} runs at once share {len(gpus)} GPU(s) by time-slicing, which made 8 runs on an H200 "
                 f"only {SHARED_GPU_SPEEDUP['without MPS']}x as fast as one; with CUDA MPS they were "
@@ -529,7 +533,7 @@ class RayExecutor:
         _check_threads(threads)
         self.address, self.gpus_per_run, self.cpus_per_run, self.threads = address, gpus_per_run, cpus_per_run, threads
 
-    def notes(self, runs: int) -> list[str]:
+    def notes(self, specs: list[RunSpec]) -> list[str]:
         return []  # how runs share a GPU is the cluster's business (--gpus-per-run)
 
     def __call__(self, specs: list[RunSpec], work) -> Iterator[Event]:
@@ -636,10 +640,11 @@ def reproduce(group: str, out: str | Path, overrides: list[str] | None = None, *
     """
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan(group, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
-    todo = sum(s.action != "skip" for s in specs)
-    for line in [*dropped_notes(specs), *(runner.notes(todo) if todo else [])]:
+    todo = [s for s in specs if s.action != "skip"]
+    advice = getattr(runner, "notes", None)  # optional in the executor contract
+    for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
         log(f"note: {line}")
-    log(f"group {group}: {len(specs)} runs into {Path(out) / group} ({len(specs) - todo} already complete)")
+    log(f"group {group}: {len(specs)} runs into {Path(out) / group} ({len(specs) - len(todo)} already complete)")
     res = run_all(specs, executor=runner, progress=progress)
     rep = None
     if report:

@@ -119,7 +119,8 @@ class Method:
     @classmethod
     def check(cls, cfg) -> None:
         """Refuse (ConfigError) combinations of the whole config this method cannot run."""
-        if not cls.distills and cfg.loss.distillation != "none":
+        # (a method with a loss of its own never reads loss.distillation: nothing to refuse)
+        if not cls.distills and not cls.own_loss and cfg.loss.distillation != "none":
             raise ConfigError(
                 f"method {cls.name} does not distill, but loss.distillation={cfg.loss.distillation}; "
                 "set loss.distillation=none, or use a method whose loss reads it (lwf, icarl)"

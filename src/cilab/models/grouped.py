@@ -91,10 +91,18 @@ class GroupedResNetCifar(nn.Module):
     @classmethod
     def fuse(cls, models: list[ResNetCifar]) -> "GroupedResNetCifar":
         """One module computing what ``models`` (same architecture, last ReLU on) compute, with their weights."""
+        def shape(m: ResNetCifar):
+            return (m.stage_ends, [m.layers[end - 1].conv2.out_channels for end in m.stage_ends],
+                    m.head.out_features)
+
         first = models[0]
-        blocks = first.stage_ends[0]
-        widths = [first.layers[end - 1].conv2.out_channels for end in first.stage_ends]
-        fused = cls(len(models), blocks, first.head.out_features, widths)
+        if any(shape(m) != shape(first) for m in models):
+            raise ValueError("fuse takes ResNets of one architecture (blocks, widths, classes): "
+                             + "; ".join(str(shape(m)) for m in models))
+        if not all(m.layers[-1].relu for m in models):
+            raise ValueError("fuse takes ResNets with their last ReLU (model.last_relu=true); the grouped blocks keep it")
+        blocks, widths, classes = first.stage_ends[0], shape(first)[1], first.head.out_features
+        fused = cls(len(models), blocks, classes, widths)
         states = [m.state_dict() for m in models]
         own = fused.state_dict()
         with torch.no_grad():
@@ -102,21 +110,21 @@ class GroupedResNetCifar(nn.Module):
                 if key.startswith("head_"):
                     name = "head." + key.removeprefix("head_")
                     value.copy_(torch.stack([s[name] for s in states]))
-                elif value.dim() == 0:  # BatchNorm's num_batches_tracked: the same count in every model
+                elif value.dim() == 0:  # BatchNorm's num_batches_tracked: one count for all, the first model's
                     value.copy_(states[0][key])
                 else:  # conv weights (out channels first) and BatchNorm vectors: model i's block i
                     value.copy_(torch.cat([s[key] for s in states]))
         return fused
 
     def unfuse(self, i: int) -> dict[str, torch.Tensor]:
-        """Model i's weights, as a ResNetCifar state dict (the inverse of ``fuse``)."""
+        """Model i's weights, as a ResNetCifar state dict (the inverse of ``fuse``; copies, not views)."""
         out = {}
         for key, value in self.state_dict().items():
             if key.startswith("head_"):
-                out["head." + key.removeprefix("head_")] = value[i]
+                out["head." + key.removeprefix("head_")] = value[i].clone()
             elif value.dim() == 0:
-                out[key] = value
+                out[key] = value.clone()
             else:
                 size = len(value) // self.n
-                out[key] = value[i * size: (i + 1) * size]
+                out[key] = value[i * size: (i + 1) * size].clone()
         return out
