@@ -397,20 +397,6 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
     return cfg
 
 
-def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:
-    """A ``loss.*`` override for a method whose loss is its own would change nothing: say so.
-
-    Only what the caller asked for is refused; a preset's own ``loss`` section
-    (inherited from the preset it extends) is left as it is, unused.
-    """
-    from .methods import METHODS
-
-    if asked and cfg.method in METHODS and METHODS[cfg.method].own_loss:  # a bad name: validate says so
-        keys = ", ".join(f"loss.{k}" for k in asked) if isinstance(asked, dict) else "loss"
-        raise ConfigError(f"method {cfg.method} has a loss of its own and does not read the loss section; "
-                          f"drop {keys} (its own settings are under method_args)")
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = from_dict(Config, data)
     validate(cfg)
@@ -595,3 +581,17 @@ def validate(cfg: Config) -> None:
             f"classifiers {needs_memory} are fitted on exemplars but memory.size=0; "
             "use eval.classifiers=[fc] or a method with memory (icarl)"
         )
+
+
+def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:
+    """A ``loss.*`` override for a method whose loss is its own would change nothing: say so.
+
+    Only what the caller asked for is refused; a preset's own ``loss`` section
+    (inherited from the preset it extends) is left as it is, unused.
+    """
+    from .methods import METHODS
+
+    if asked and cfg.method in METHODS and METHODS[cfg.method].own_loss:  # a bad name: validate says so
+        keys = ", ".join(f"loss.{k}" for k in asked) if isinstance(asked, dict) else "loss"
+        raise ConfigError(f"method {cfg.method} has a loss of its own and does not read the loss section; "
+                          f"drop {keys} (its own settings are under method_args)")
