@@ -125,6 +125,46 @@ def test_competition_hand_values():
         competition(3 * z_t, 3 * z_s)[1].item(), rel=1e-6)
 
 
+def test_competition_in_the_papers_form_is_the_unclamped_jensen_shannon_divergence():
+    """memory.deepinversion.js=paper: JS = batch mean of 1/2 KL(P||M) + 1/2 KL(Q||M), no clamp; R_A = 1 - JS."""
+    # student uniform; teacher softmax(z/3) = 0.8, 0.1, 0.1 and 0.99, 0.005, 0.005 (no clamp now)
+    z_s = torch.zeros(2, 3)
+    z_t = torch.tensor([[3 * math.log(8), 0.0, 0.0], [3 * math.log(198), 0.0, 0.0]])
+    p = [1 / 3, 1 / 3, 1 / 3]
+    js = 0.0
+    for q in ([0.8, 0.1, 0.1], [0.99, 0.005, 0.005]):
+        m = [(a + b) / 2 for a, b in zip(p, q)]
+        js += 0.5 * (0.5 * _kl(p, m) + 0.5 * _kl(q, m))
+    r_a, got_js = competition(z_t, z_s, form="paper")
+    assert got_js.item() == pytest.approx(js, rel=1e-5) and r_a.item() == pytest.approx(1 - js, rel=1e-6)
+    assert got_js.item() != pytest.approx(competition(z_t, z_s)[1].item(), rel=1e-2)  # the code's form differs
+    # confident disagreement over 10 classes: ln 2, the divergence's maximum, where the code's form gives R_A = 0
+    z_a, z_b = 60 * torch.eye(10)[:1], 60 * torch.eye(10)[1:2]
+    r_a, got_js = competition(z_a, z_b, form="paper")
+    assert got_js.item() == pytest.approx(math.log(2), rel=1e-5) and r_a.item() == pytest.approx(1 - math.log(2))
+    assert competition(z_a, z_b)[0].item() == 0.0
+
+
+def test_the_competition_form_is_a_checked_setting_that_reaches_the_loss(digits_teacher):
+    from cilab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'memory.deepinversion.js' is 'exact', which is not one of: code, paper"):
+        build_config("icarl-di-noise", ["memory.deepinversion.js=exact"])
+    net, norm, _ = digits_teacher
+    y = torch.arange(3).repeat(4)
+    x0, _, _ = noise_start(norm, 12, 0)
+    got = {}
+    for form in ("code", "paper"):
+        cfg = build_config("icarl-di-noise", [f"memory.deepinversion.js={form}"]).memory.deepinversion
+        assert cfg.adaptive  # the study's adaptive generator (noise starts)
+        student = make_student(net, torch.Generator().manual_seed(0))
+        with DeepInversion(net, cfg, 3, student) as di:
+            got[form] = di.terms(x0, y)["js"].item()
+        expected = competition(net(x0)[:, :3], student(x0)[:, :3], form=form)[1].item()
+        assert got[form] == pytest.approx(expected, rel=1e-5), form
+    assert got["code"] != pytest.approx(got["paper"], rel=1e-3)
+
+
 def test_student_is_a_fresh_seeded_frozen_network_in_training_mode():
     """The study's student: "another ResNet32 (randomly initialized)", used with BatchNorm on the
     batch's statistics. A fresh ResNet-32 in eval mode (running statistics 0 / 1) predicts one class

@@ -112,6 +112,8 @@ class DeepInversionConfig:
     alpha_c: float = 10.0
     # The weights above are the study's text (5.2.1); its notebooks ran alpha_tv=2e-5, alpha_l2=3e-8,
     # alpha_f=1.0, alpha_c=10, which the icarl-di-* presets use (README, "DeepInversion").
+    # the competition term's divergence: code (Yin et al.'s clamped code, the study's notebooks) | paper (eq. 10's JS)
+    js: str = "code"
     jitter: int = 2  # each step rolls the images by up to this many pixels in y and x (Yin et al.); 0 = off
     batch_size: int = 667  # images synthesised at once (a chunk); fixed, so the images do not depend on the device
 
@@ -546,6 +548,7 @@ def validate(cfg: Config) -> None:
     _choice("memory.kind", mem.kind, EXEMPLAR_BUILDERS)
     di = mem.deepinversion
     _choice("memory.deepinversion.init", di.init, ["noise", "random", "herding"])
+    _choice("memory.deepinversion.js", di.js, ["code", "paper"])
     _positive("memory.deepinversion.iterations", di.iterations)
     _positive("memory.deepinversion.lr", di.lr)
     for k in ("alpha_tv", "alpha_l2", "alpha_f", "alpha_c"):

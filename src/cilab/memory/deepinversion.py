@@ -110,11 +110,12 @@ def l2(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x)
 
 
-def competition(logits_t: torch.Tensor, logits_s: torch.Tensor,
-                temperature: float = COMPETITION_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
+def competition(logits_t: torch.Tensor, logits_s: torch.Tensor, temperature: float = COMPETITION_TEMPERATURE,
+                form: str = "code") -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive DeepInversion's competition term R_A and the divergence it is made of.
 
-    As in Yin et al.'s code, which the study's generator follows, with
+    ``form="code"`` (``memory.deepinversion.js=code``, the default): as in Yin
+    et al.'s code, which the study's generator follows, with
     P = softmax(z_S / T), Q = softmax(z_T / T), T = 3, M = (P + Q) / 2 (from the
     unclamped P, Q), then P, Q and M each clamped to [0.01, 0.99]:
 
@@ -129,10 +130,29 @@ def competition(logits_t: torch.Tensor, logits_s: torch.Tensor,
     agree and falls as they disagree, so minimising it seeks images on which
     they disagree (the study: "enhance a teacher/student disagreement, that
     implies diversity"). Returns ``(R_A, JS)``.
+
+    ``form="paper"``: the Jensen-Shannon divergence as eq. 10 of the study (and
+    Yin et al.'s paper) write it, with no clamp:
+
+        JS  = 1/B sum_b [ 1/2 KL(P_b || M_b) + 1/2 KL(Q_b || M_b) ]  (at most ln 2)
+        R_A = 1 - JS
+
+    The code's clamps change the term a great deal with many outputs: over 100
+    classes most probabilities sit below 0.01 and are raised to it, which
+    flattens the divergence; confident disagreement gives JS > 1 and R_A = 0 in
+    the code's form, ln 2 and 1 - ln 2 in the paper's. A named option so that a
+    user can check whether this matters for the exemplars.
     """
-    lo, hi = PROB_CLAMP
     p = F.softmax(logits_s.float() / temperature, dim=1)
     q = F.softmax(logits_t.float() / temperature, dim=1)
+    if form == "paper":
+        m = 0.5 * (p + q)
+        # x ln(x / m) with 0 ln 0 = 0 (a probability that underflowed to 0 adds nothing)
+        kl_pm = (torch.special.xlogy(p, p) - torch.special.xlogy(p, m)).sum() / len(m)
+        kl_qm = (torch.special.xlogy(q, q) - torch.special.xlogy(q, m)).sum() / len(m)
+        js = 0.5 * kl_pm + 0.5 * kl_qm
+        return 1.0 - js, js
+    lo, hi = PROB_CLAMP
     m = (0.5 * (p + q)).clamp(lo, hi)
     p, q = p.clamp(lo, hi), q.clamp(lo, hi)
     kl_mp = (m * (m.log() - p.log())).sum() / len(m)
@@ -296,7 +316,7 @@ class DeepInversion:
         total = out["ce"] + c.alpha_tv * out["tv"] + c.alpha_l2 * out["l2"] + c.alpha_f * out["feature"]
         if self.student is not None:
             z_s = self.student(x)[:, : self.n_out].float()
-            out["competition"], out["js"] = competition(z_t, z_s)
+            out["competition"], out["js"] = competition(z_t, z_s, form=c.js)
             total = total + c.alpha_c * out["competition"]
         out["total"] = total
         return out
