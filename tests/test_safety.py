@@ -581,3 +581,16 @@ def test_report_on_a_broken_metrics_json_lists_the_run_without_a_traceback(tmp_p
     assert rc == 1 and "Traceback" not in err
     assert f"excluded odd: {needle}" in out
     assert needle in (tmp_path / "report" / "report.md").read_text()
+
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just words\n"])
+def test_a_config_yaml_that_is_not_a_mapping_is_a_conflict_not_a_crash(tmp_path, text):
+    from cilab import runfolder
+    from cilab.config import build_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    runfolder.write_marker(out)
+    (out / "config.yaml").write_text(text)
+    assert "its config.yaml is not a valid config (it holds a" in runfolder.config_conflict(out, build_config("icarl"))

@@ -399,7 +399,10 @@ def config_conflict(out: Path, cfg) -> str | None:
     if not saved.exists():
         return None  # marked but killed before its config was written: nothing to lose
     try:
-        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+        data = yaml.safe_load(saved.read_text()) or {}
+        if not isinstance(data, dict):
+            return f"its {results.CONFIG} is not a valid config (it holds a {type(data).__name__}, not a mapping)"
+        old = config_from_dict(data)
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
         return f"its {results.CONFIG} is not a valid config ({e})"
     if dataclasses.replace(old, log=cfg.log) != cfg:
