@@ -21,6 +21,7 @@ computes exactly what it would alone:
   * the sum of the N models' losses has, for model i's parameters, the
     gradient of model i's own loss, and SGD with momentum and weight decay is
     elementwise, so one optimiser step is N independent steps.
+The blocks are resnet.BasicBlock with ``groups=N``.
 ``tests/test_grouped.py`` checks outputs and two SGD steps against N separate
 ResNets. ``cilab bench batched`` times the fused step for N = 1, 2, 4, 8.
 Nothing in a run uses it yet: it is the measurement that decides whether
@@ -36,51 +37,21 @@ import torch.nn.functional as F
 from .resnet import Outputs, ResNetCifar
 
 
-class GroupedBasicBlock(nn.Module):
-    """N copies of resnet.BasicBlock side by side (grouped convolutions, per-model channel padding)."""
-
-    def __init__(self, n: int, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.n, self.cin, self.cout, self.stride = n, cin, cout, stride
-        self.conv1 = nn.Conv2d(n * cin, n * cout, 3, stride, 1, bias=False, groups=n)
-        self.bn1 = nn.BatchNorm2d(n * cout)
-        self.conv2 = nn.Conv2d(n * cout, n * cout, 3, 1, 1, bias=False, groups=n)
-        self.bn2 = nn.BatchNorm2d(n * cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.stride != 1 or self.cout != self.cin:
-            s = x[:, :, :: self.stride, :: self.stride]
-            b, _, h, w = s.shape
-            pad = self.cout - self.cin  # option A: zeros above and below each model's own channels
-            s = F.pad(s.reshape(b, self.n, self.cin, h, w), (0, 0, 0, 0, pad // 2, pad - pad // 2))
-            shortcut = s.reshape(b, self.n * self.cout, h, w)
-        return F.relu(out + shortcut)  # out first: the sum keeps out's memory format (channels_last)
-
-
-class GroupedResNetCifar(nn.Module):
-    """N ResNet-(6k+2) of cilab's CIFAR family in one module; ``forward`` as a Backbone's, logits B x N x classes."""
+class GroupedResNetCifar(ResNetCifar):
+    """N ResNet-(6k+2) of cilab's CIFAR family in one module (``ResNetCifar`` with ``groups=N``);
+    ``forward`` as a Backbone's, logits B x N x classes."""
 
     def __init__(self, n: int, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64)):
-        super().__init__()
+        super().__init__(blocks_per_stage, num_classes, tuple(widths), groups=n)
         self.n = n
-        self.conv1 = nn.Conv2d(3 * n, n * widths[0], 3, 1, 1, bias=False, groups=n)
-        self.bn1 = nn.BatchNorm2d(n * widths[0])
-        layers, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            for j in range(blocks_per_stage):
-                layers.append(GroupedBasicBlock(n, cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        self.layers = nn.Sequential(*layers)
-        self.feature_dim = cin
-        self.head_weight = nn.Parameter(torch.zeros(n, num_classes, cin))
+        del self.head  # one linear head per network instead, a batched matrix product
+        self.feature_dim = widths[-1]
+        self.head_weight = nn.Parameter(torch.zeros(n, num_classes, self.feature_dim))
         self.head_bias = nn.Parameter(torch.zeros(n, num_classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """B x 3N x H x W -> B x N x feature_dim."""
-        f = self.layers(F.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+        f = super().features(x)
         return f.reshape(len(f), self.n, self.feature_dim)
 
     def forward(self, x: torch.Tensor, with_features: bool = False):

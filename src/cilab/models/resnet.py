@@ -69,15 +69,22 @@ class Backbone(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, relu: bool = True):
+    """Two 3x3 convolutions and an option-A shortcut (strided, zero-padded channels).
+
+    ``groups`` = n side-by-side copies of the block in one module, for n fused
+    networks (models/grouped.py): cin / cout are each copy's channels, every
+    convolution is grouped, and each copy's shortcut pads its own channels.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, relu: bool = True, groups: int = 1):
         super().__init__()
         self.relu = relu  # False: the block's output is the residual sum, unrectified (LUCIR's last block)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(groups * cin, groups * cout, 3, stride, 1, bias=False, groups=groups)
+        self.bn1 = nn.BatchNorm2d(groups * cout)
+        self.conv2 = nn.Conv2d(groups * cout, groups * cout, 3, 1, 1, bias=False, groups=groups)
+        self.bn2 = nn.BatchNorm2d(groups * cout)
         self.pad = cout - cin
-        self.stride = stride
+        self.stride, self.groups, self.cin = stride, groups, cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -85,8 +92,13 @@ class BasicBlock(nn.Module):
         shortcut = x
         if self.stride != 1 or self.pad:
             shortcut = x[:, :, :: self.stride, :: self.stride]
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        out = out + shortcut
+            pad = (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2)
+            if self.groups == 1:
+                shortcut = F.pad(shortcut, pad)
+            else:  # pad each copy's channels, not the stack's ends
+                b, _, h, w = shortcut.shape
+                shortcut = F.pad(shortcut.reshape(b, self.groups, self.cin, h, w), pad).reshape(b, -1, h, w)
+        out = out + shortcut  # out first: the sum keeps out's memory format (channels_last)
         return F.relu(out) if self.relu else out
 
 
@@ -138,19 +150,21 @@ class ResNetCifar(StagedResNet):
     """``last_relu=False`` drops the ReLU after the last block (``model.last_relu``), so
     features can be negative, as LUCIR and PODNet want for their cosine classifiers."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True):
+    def __init__(self, blocks_per_stage: int, num_classes: int, widths=(16, 32, 64), last_relu: bool = True,
+                 groups: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        g = groups  # > 1: that many networks side by side (models/grouped.py), which set their own head
+        self.conv1 = nn.Conv2d(3 * g, g * widths[0], 3, 1, 1, bias=False, groups=g)
+        self.bn1 = nn.BatchNorm2d(g * widths[0])
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for j in range(blocks_per_stage):
-                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1, groups=g))
                 cin = w
         layers[-1].relu = last_relu
         self.layers = nn.Sequential(*layers)  # flat, as before: checkpoint keys unchanged
         self.stage_ends = [blocks_per_stage * (i + 1) for i in range(len(widths))]
-        self.add_head(cin, num_classes)
+        self.add_head(g * cin, num_classes)
 
     def begin(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv1(x)))
