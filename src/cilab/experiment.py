@@ -392,10 +392,20 @@ class Protocol:
         loader = BatchLoader(x, y, train_cfg.batch_size, self.normalizer, train_cfg.augment, self.generator,
                              self.rt.channels_last, per_sample=per_sample)
         steps_before = self.metrics.setdefault("train_steps", 0)  # the loss's x axis runs on over tasks and stages
-        images = train_task(self.train_model, loader, train_cfg, loss_fn, old_model, ctx.t, self.device, self.rt.amp,
-                            self.progress, self.position, graphs=graphs, params=params, after_step=after_step,
-                            epoch_end=keeper, desc=desc,
-                            on_log=lambda step, loss: self.tracker.log_step(steps_before + step, loss))
+        # What the optimiser does not update takes no gradient for the loop: no backward
+        # through it (a head-only stage, DER's old extractors), the updated ones' unchanged.
+        chosen = {id(p) for p in params}
+        frozen = [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in chosen]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            images = train_task(self.train_model, loader, train_cfg, loss_fn, old_model, ctx.t, self.device,
+                                self.rt.amp, self.progress, self.position, graphs=graphs, params=params,
+                                after_step=after_step, epoch_end=keeper, desc=desc,
+                                on_log=lambda step, loss: self.tracker.log_step(steps_before + step, loss))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         self.metrics["train_steps"] = steps_before + train_cfg.epochs * len(loader)
         if keeper is not None:
             keeper.restore()

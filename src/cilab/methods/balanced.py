@@ -18,7 +18,7 @@ def finetune_head(ctx: TaskContext, epochs: int, lr: float) -> int:
 
     The loss is the method's own without an old model, i.e. its first-task
     loss (LUCIR's CE, PODNet's NCA over the seen classes). The backbone takes
-    no gradient (no backward through it: the head's gradient is the same), and
+    no gradient (``train_on`` freezes what it does not update), and
     its BatchNorm statistics are put back afterwards: the loop runs the network
     in train mode, and a head-only stage must not move the features the test
     images are classified on (PODNet's code fine-tunes with the BatchNorm
@@ -29,16 +29,8 @@ def finetune_head(ctx: TaskContext, epochs: int, lr: float) -> int:
     x, y = ctx.memory.data(ctx.device)
     cfg = dataclasses.replace(ctx.train_cfg, epochs=epochs, lr=lr, milestones=[], val_split=0.0, keep_best=False)
     buffers = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
-    head = {id(p) for p in ctx.model.head.parameters()}
-    frozen = [p for p in ctx.model.parameters() if id(p) not in head and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        images = ctx.train(x, y, parameters=ctx.model.head.parameters(), train_cfg=cfg, old_model=None,
-                           desc=f"task {ctx.t + 1} balanced fine-tuning")
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    images = ctx.train(x, y, parameters=ctx.model.head.parameters(), train_cfg=cfg, old_model=None,
+                       desc=f"task {ctx.t + 1} balanced fine-tuning")  # the loop freezes the rest
     with torch.no_grad():
         for n, b in ctx.model.named_buffers():
             b.copy_(buffers[n])
