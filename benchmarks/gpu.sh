@@ -19,14 +19,15 @@
 #   mps          100 s  the same with a CUDA MPS control daemon started for the step (N = 4,8),
 #                       skipped where nvidia-cuda-mps-control is missing
 #   batched       60 s  cilab bench batched (N = 1,2,4,8 ResNet-32s fused into one grouped network)
-#   protocol     260 s  cilab bench protocol: iCaRL, 10 tasks x GPU_SH_PROTOCOL_EPOCHS (default 70);
-#                       10 x 70 did not finish in 184 s on the H200
-#   throughput    60 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
+#   protocol     260 s  cilab bench protocol: iCaRL, 10 tasks x GPU_SH_PROTOCOL_EPOCHS (default 70),
+#                       once per variant of GPU_SH_PROTOCOL_VARIANTS (as GPU_SH_VARIANTS below);
+#                       (10 x 70 did not finish in 184 s on the H200); GPU_SH_PROTOCOL_TIMEOUT sets the timeout
+#   throughput   100 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
 #                       (space-separated NAME=key=value,key=value; default: one, no overrides)
 #   suite        420 s  the whole test suite, pytest-xdist over GPU_SH_WORKERS processes (default 8)
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
-# JSON per benchmark and per throughput variant, and logs.tgz (each step's
+# JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
 # output and pytest's junit xml). A lent machine sends back at most 8 files:
 # the default steps write 5. The last lines printed sum it up. The timeouts
 # are caps; the default steps took ~145 + ~40 + ~190 s of the budget.
@@ -106,7 +107,7 @@ if [[ $SMOKE == 1 ]]; then
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
     BATCHED=(--models 1,2 --steps 1 train.batch_size=4 model.name=resnet20)
     SUITE=(tests/test_gpu_paths.py)
-    T_TESTS=400 T_CONC=400 T_PROT=400 T_THRU=400 T_SUITE=400
+    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
            "tests/test_reliability.py::test_sigkill_during_task_3_then_resume_equals_the_uninterrupted_run"
@@ -117,7 +118,7 @@ else
     PROT=(--tasks 10 --epochs "$PROTOCOL_EPOCHS" --quiet)
     BATCHED=()
     SUITE=(tests)
-    T_TESTS=190 T_CONC=100 T_PROT=260 T_THRU=60 T_SUITE=420
+    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420
 fi
 
 # mps: a control daemon of our own for the step (pipe and log folders under
@@ -151,8 +152,14 @@ for s in $WANTED; do
          else
              echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
          fi ;;
-    batched) step batched "$T_THRU" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" ${BATCHED[@]+"${BATCHED[@]}"} ;;
-    protocol) step protocol "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol.json" "${PROT[@]}" ;;
+    batched) step batched "$T_BATCHED" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" ${BATCHED[@]+"${BATCHED[@]}"} ;;
+    protocol)
+        for v in ${GPU_SH_PROTOCOL_VARIANTS:-default=}; do
+            name=${v%%=*} ov=${v#*=}
+            # shellcheck disable=SC2086  # the overrides split on the commas on purpose
+            step "protocol_$name" "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol_$name.json" \
+                "${PROT[@]}" ${ov//,/ }
+        done ;;
     throughput)
         for v in ${GPU_SH_VARIANTS:-default=}; do
             name=${v%%=*} ov=${v#*=}
@@ -160,7 +167,8 @@ for s in $WANTED; do
             step "throughput_$name" "$T_THRU" "$PY" -m cilab.cli bench throughput --out "$OUT/throughput_$name.json" \
                 "${THRU[@]}" ${ov//,/ }
         done ;;
-    suite) step suite "$T_SUITE" "$PY" -m pytest -q -p no:cacheprovider -n "${GPU_SH_WORKERS:-8}" \
+    # -v: a suite cut off at its timeout still says which tests passed (the xml is written at the end)
+    suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-8}" \
                --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
     *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite)" >&2 ;;
     esac
@@ -191,10 +199,11 @@ for f in sorted(out.glob("concurrency*.json")):
         print(f"{f.stem}: study {st['runs']} runs, {st['train_images'] / 1e6:.0f}M images, projected "
               f"{st['projected_wall_s'] / 60:.1f} min at N={st['best_jobs']}"
               + (f" (one at a time {one / 60:.1f} min)" if one else ""))
-if (out / "protocol.json").exists():
-    p = json.load(open(out / "protocol.json"))
-    print(f"protocol {p['tasks']}x{p['epochs']}: {p['wall_s']:.1f} s wall, train {p['train_s']:.1f} s, "
-          f"{p['train_images_per_s']:.0f} img/s, memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
+for f in sorted(out.glob("protocol*.json")):
+    p = json.load(open(f))
+    print(f"{f.stem} {p['tasks']}x{p['epochs']} (cudnn_benchmark {p['cudnn_benchmark']}): {p['wall_s']:.1f} s wall, "
+          f"train {p['train_s']:.1f} s, {p['train_images_per_s']:.0f} img/s, "
+          f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
 if (out / "batched.json").exists():
     b = json.load(open(out / "batched.json"))
     for r in b["results"]:
