@@ -27,8 +27,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cilab demo --out runs/demo
 
+# one pytest-xdist worker per core (tests/conftest.py splits torch's threads among them); a
+# test file stays on one worker, so its module fixtures (the demo's four runs) are trained once
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --out runs/bench/throughput.json

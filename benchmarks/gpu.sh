@@ -9,8 +9,8 @@
 # GPU_SH_BUDGET seconds (default 470, under 8 minutes): each step has its own
 # timeout, cut to what is left of the budget (the environment check before the
 # first step takes ~13 s), and a failing or timed-out step is recorded and the
-# next one runs. STEPs (default: tests batched protocol, what the H200 session
-# of 2026-11-27 left unmeasured; README, "GPU figures"), with their timeouts:
+# next one runs. STEPs (default: suite protocol, what the H100 session of
+# 2026-11-27 left unmeasured; README, "GPU figures"), with their timeouts:
 #   tests        190 s  pytest: tests/test_cuda.py, tests/test_gpu_paths.py and the two
 #                       reliability tests of repeatability (their runs use train.deterministic=true);
 #                       GPU_SH_TESTS (space-separated) picks others, GPU_SH_PYTEST_ARGS adds options
@@ -24,18 +24,20 @@
 #                       (10 x 70 did not finish in 184 s on the H200); GPU_SH_PROTOCOL_TIMEOUT sets the timeout
 #   throughput   100 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
 #                       (space-separated NAME=key=value,key=value; default: one, no overrides)
-#   suite        420 s  the whole test suite, pytest-xdist over GPU_SH_WORKERS processes (default 8)
+#   suite        420 s  the whole test suite as make test runs it: pytest-xdist, GPU_SH_WORKERS processes
+#                       (default auto: one per core), GPU_SH_DIST (default loadfile: a file per worker)
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
 # JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
 # output and pytest's junit xml). A lent machine sends back at most 8 files:
-# the default steps write 5. The last lines printed sum it up. The timeouts
-# are caps; the default steps took ~145 + ~40 + ~190 s of the budget.
+# the default steps write 4. The last lines printed sum it up. The timeouts
+# are caps: on an H100 the suite ran past 319 s (12 workers) and 10 x 30 epochs
+# of protocol took 93 s, so 10 x 70 needs ~190 s.
 # GPU_SH_SMOKE=1 makes every step tiny (seconds on a CPU), to test this script's plumbing.
 set -u
 OUT=${1:?usage: PYTHONPATH=src bash benchmarks/gpu.sh OUTDIR [STEP ...]}
 shift
-WANTED=${*:-tests batched protocol}
+WANTED=${*:-suite protocol}
 mkdir -p "$OUT/logs"
 PY=${PYTHON:-python3}
 export PYTHONPATH=${PYTHONPATH:-src}
@@ -167,8 +169,10 @@ for s in $WANTED; do
             step "throughput_$name" "$T_THRU" "$PY" -m cilab.cli bench throughput --out "$OUT/throughput_$name.json" \
                 "${THRU[@]}" ${ov//,/ }
         done ;;
-    # -v: a suite cut off at its timeout still says which tests passed (the xml is written at the end)
-    suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-8}" \
+    # make test's options (-n auto: a worker per core; a file per worker); -v: a suite cut off at its
+    # timeout still says which tests passed (the xml is written at the end)
+    suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-auto}" \
+               --dist "${GPU_SH_DIST:-loadfile}" \
                --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
     *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite)" >&2 ;;
     esac

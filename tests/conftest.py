@@ -10,8 +10,10 @@ import torch
 # started cuBLAS in an earlier test (tests/test_cuda.py). Harmless without a GPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-# CI has 2 cores; keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CI has 2 cores; keep torch from oversubscribing them. `make test` runs one pytest-xdist
+# worker per core, so each worker gets its share of the cores (one thread on CI).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,16 @@ def tiny_overrides():
 
 
 def interrupted_and_resumed(cfg, tmp_path, monkeypatch, stop_at: int = 2):
-    """(the uninterrupted run's metrics, the metrics of a run stopped before task stop_at+1 and resumed)."""
+    """(the uninterrupted run's metrics, the metrics of a run stopped before task stop_at+1 and resumed).
+
+    On a GPU both runs use train.deterministic=true: without it two CUDA runs of one seed already
+    differ (cuDNN's atomics), resumed or not; on the H100 the EWC and LUCIR resume tests failed so."""
+    import dataclasses
+
     from cilab import experiment
 
+    if torch.cuda.is_available() and cfg.train.device != "cpu":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, deterministic=True))
     whole = experiment.run(cfg, tmp_path / "whole", progress=False)
     real = experiment.Protocol.run_task
 

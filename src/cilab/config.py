@@ -80,7 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     cuda_graphs: str = "auto"  # auto (on CUDA; falls back to eager if capture fails) | on | off
     # cuDNN picks each convolution's algorithm by timing the candidates (torch.backends.cudnn.benchmark)
-    cudnn_benchmark: str = "auto"  # auto (on for CUDA unless deterministic; a CPU is left alone) | on | off
+    cudnn_benchmark: str = "auto"  # auto (off for CUDA: slower over a whole run; a CPU is left alone) | on | off
     log_every: int = 4  # progress-bar loss reads per epoch (each is one host sync)
     # The study's fine-tuning holds out a fraction of each task's training data
     # and keeps the epoch with the best accuracy on it (0 = train on everything).
