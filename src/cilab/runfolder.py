@@ -77,25 +77,29 @@ def _is_temp(p: Path) -> bool:
     return p.name.startswith(results.TMP_PREFIX) and p.name.endswith(results.TMP_SUFFIX) and p.is_file()
 
 
+# the folders cilab writes files into, each with which of its files are cilab's (by name)
+_SUBFOLDERS = {
+    results.CHECKPOINTS: lambda p: bool(results.CHECKPOINT_RE.fullmatch(p.name)) or _is_temp(p),
+    results.TENSORBOARD: lambda p: bool(results.EVENT_FILE_RE.fullmatch(p.name)),
+}
+
+
 def cilab_files(folder: Path) -> list[Path]:
     """The files in ``folder`` that cilab writes (and so may delete), by name."""
     folder = Path(folder)
     names = (results.CONFIG, results.METRICS, results.CONFUSION, *results.FIGURES, MARKER, LOCK)
     found = [folder / n for n in names if (folder / n).is_file() and not (folder / n).is_symlink()]
     found += [p for p in folder.iterdir() if _is_temp(p)] if folder.is_dir() else []
-    ckpt, events = folder / results.CHECKPOINTS, folder / results.TENSORBOARD
-    if ckpt.is_dir() and not ckpt.is_symlink():
-        found += [p for p in ckpt.iterdir() if p.is_file() and not p.is_symlink()
-                  and (results.CHECKPOINT_RE.fullmatch(p.name) or _is_temp(p))]
-    if events.is_dir() and not events.is_symlink():
-        found += [p for p in events.iterdir() if p.is_file() and not p.is_symlink()
-                  and results.EVENT_FILE_RE.fullmatch(p.name)]
+    for name, ours in _SUBFOLDERS.items():
+        sub = folder / name
+        if sub.is_dir() and not sub.is_symlink():
+            found += [p for p in sub.iterdir() if p.is_file() and not p.is_symlink() and ours(p)]
     return sorted(found)
 
 
 def _subfolders(folder: Path) -> list[Path]:
     """The folders cilab writes files into (checkpoints/, tensorboard/)."""
-    return [folder / results.CHECKPOINTS, folder / results.TENSORBOARD]
+    return [folder / name for name in _SUBFOLDERS]
 
 
 def foreign_entries(folder: Path) -> list[Path]:
