@@ -13,18 +13,22 @@ from cilab.experiment import run
 # settings the README's "Results" explains, so these tests check the story the demo tells.
 
 
-def check_bookkeeping(out, m, data=None):
+def check_bookkeeping(out, m):
     """Every accuracy in metrics.json recomputed from the saved confusion matrices, and every
     confusion row checked against the dataset's own test-image count of that class.
 
-    Independent of evaluation.py: the class counts come from the dataset and the class
-    order, accuracies from confusion traces. Catches accuracies over the wrong images
-    (unseen classes, another task), a shifted accuracy matrix, lost or double-counted images.
+    Independent of evaluation.py: the class counts come from the dataset (as the run
+    folder's config.yaml names it) and the class order, accuracies from confusion traces.
+    Catches accuracies over the wrong images (unseen classes, another task), a shifted
+    accuracy matrix, lost or double-counted images.
     """
-    from cilab.config import DataConfig
-    from cilab.data import load_dataset
+    import yaml
 
-    y_test = load_dataset(data or DataConfig(name=m["dataset"])).y_test  # data: a DataConfig for npz runs
+    from cilab.config import config_from_dict
+    from cilab.data import load_dataset
+    from cilab.results import CONFIG
+
+    y_test = load_dataset(config_from_dict(yaml.safe_load((out / CONFIG).read_text())).data).y_test
     per_class = [int((y_test == c).sum()) for c in m["class_order"]]  # output k = k-th class of the order
     cpt = m["classes_per_task"]
     with np.load(out / "confusion.npz") as z:
