@@ -139,6 +139,18 @@ mps_concurrency() {  # PY OUT JOBS CONCURRENCY-ARGS...: runs in its own bash, un
     return $rc
 }
 
+# variants BENCH TIMEOUT "NAME=key=value,key=value ..." ARGS...: one step BENCH_NAME per variant,
+# `cilab bench BENCH ARGS...` with the variant's overrides, JSON in OUT/BENCH_NAME.json
+variants() {
+    local bench=$1 limit=$2 list=$3 v name ov
+    shift 3
+    for v in $list; do
+        name=${v%%=*} ov=${v#*=}
+        # shellcheck disable=SC2086  # the overrides split on the commas on purpose
+        step "${bench}_$name" "$limit" "$PY" -m cilab.cli bench "$bench" --out "$OUT/${bench}_$name.json" "$@" ${ov//,/ }
+    done
+}
+
 for s in $WANTED; do
     case $s in
     tests) [[ -n ${GPU_SH_TESTS:-} ]] && read -ra TESTS <<< "$GPU_SH_TESTS"
@@ -156,20 +168,8 @@ for s in $WANTED; do
              echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
          fi ;;
     batched) step batched "$T_BATCHED" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" ${BATCHED[@]+"${BATCHED[@]}"} ;;
-    protocol)
-        for v in ${GPU_SH_PROTOCOL_VARIANTS:-default=}; do
-            name=${v%%=*} ov=${v#*=}
-            # shellcheck disable=SC2086  # the overrides split on the commas on purpose
-            step "protocol_$name" "$T_PROT" "$PY" -m cilab.cli bench protocol --out "$OUT/protocol_$name.json" \
-                "${PROT[@]}" ${ov//,/ }
-        done ;;
-    throughput)
-        for v in ${GPU_SH_VARIANTS:-default=}; do
-            name=${v%%=*} ov=${v#*=}
-            # shellcheck disable=SC2086  # the overrides split on the commas on purpose
-            step "throughput_$name" "$T_THRU" "$PY" -m cilab.cli bench throughput --out "$OUT/throughput_$name.json" \
-                "${THRU[@]}" ${ov//,/ }
-        done ;;
+    protocol) variants protocol "$T_PROT" "${GPU_SH_PROTOCOL_VARIANTS:-default=}" "${PROT[@]}" ;;
+    throughput) variants throughput "$T_THRU" "${GPU_SH_VARIANTS:-default=}" "${THRU[@]}" ;;
     # make test's options (-n auto: a worker per core; a file per worker); -v: a suite cut off at its
     # timeout still says which tests passed (the xml is written at the end)
     suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-auto}" \
