@@ -88,6 +88,20 @@ class Setup:
         step, _, _ = build_step(model, self.cfg.train, self.criterion(), None, self.device, self.rt.amp, self.rt.graphs)
         return step
 
+    def loader(self, images: int, num_classes: int, seed: int = 0) -> BatchLoader:
+        """Random CIFAR-shaped uint8 data on the device, batched and augmented as a run's task data."""
+        x, y = _random_cifar(images, num_classes, seed)
+        normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return BatchLoader(x.to(self.device), y.to(self.device), self.cfg.train.batch_size, normalizer, True, gen,
+                           self.rt.channels_last)
+
+    def train(self, model, loader: BatchLoader, crit: Criterion, old_model, task: int, epochs: int) -> int:
+        """``epochs`` epochs of trainer.train_task (no milestones; the shared config stays as it is)."""
+        cfg = dataclasses.replace(self.cfg.train, epochs=epochs, milestones=[])
+        return train_task(model, loader, cfg, crit, old_model, task, self.device, self.rt.amp, progress=False,
+                          graphs=self.rt.graphs)
+
 
 def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -119,23 +133,14 @@ class CilabTrainer:
     """(b) trainer.train_task on uint8 data on the device, augmented, exemplars mixed in."""
 
     def __init__(self, setup: Setup, n_task: int, n_exemplars: int):
-        x, y = _random_cifar(n_task + n_exemplars, 10)
-        device = setup.device
-        normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        self.loader = BatchLoader(x.to(device), y.to(device), setup.cfg.train.batch_size, normalizer, True, gen,
-                                  setup.rt.channels_last)
-        self.model = setup.model()
-        self.crit = setup.criterion()
-        self.cfg, self.device, self.rt = setup.cfg.train, device, setup.rt
+        self.setup, self.loader = setup, setup.loader(n_task + n_exemplars, 10)
+        self.model, self.crit = setup.model(), setup.criterion()
 
     def __call__(self, epochs: int) -> float:
-        cfg = dataclasses.replace(self.cfg, epochs=epochs, milestones=[])  # the shared config stays as it is
-        _sync(self.device)
+        _sync(self.setup.device)
         t = time.perf_counter()
-        images = train_task(self.model, self.loader, cfg, self.crit, None, 0, self.device, self.rt.amp,
-                            progress=False, graphs=self.rt.graphs)
-        _sync(self.device)
+        images = self.setup.train(self.model, self.loader, self.crit, None, 0, epochs)
+        _sync(self.setup.device)
         return images / (time.perf_counter() - t)
 
 
@@ -404,18 +409,13 @@ def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, wa
         setup = Setup(overrides)
         device = setup.device
         with setup.rt.applied():
-            x, y = _random_cifar(images, 20, seed)
-            normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(device)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            loader = BatchLoader(x.to(device), y.to(device), setup.cfg.train.batch_size, normalizer, True, gen,
-                                 setup.rt.channels_last)
+            loader = setup.loader(images, 20, seed)
             model = setup.model(num_classes=100)
             old = copy.deepcopy(model).eval().requires_grad_(False)
             # the step most of the study's images take: BCE on 10 new outputs, BCE distillation
             # on 10 old ones against the previous model (its forward included)
             crit = Criterion(setup.cfg.loss.classification, setup.cfg.loss.distillation, 10, 20)
-            train = lambda n: train_task(model, loader, dataclasses.replace(setup.cfg.train, epochs=n, milestones=[]),  # noqa: E731
-                                         crit, old, 1, device, setup.rt.amp, progress=False, graphs=setup.rt.graphs)
+            train = lambda n: setup.train(model, loader, crit, old, 1, n)  # noqa: E731
             if warmup_epochs:
                 train(warmup_epochs)  # CUDA context, allocator, cuDNN, graph capture: not timed
             _sync(device)
