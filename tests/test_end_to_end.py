@@ -89,15 +89,20 @@ def test_finetuning_forgets_while_joint_training_remembers(methods):
     assert methods["finetune"]["fc"]["forgetting"] > 50.0
 
 
-def test_icarl_beats_lwf_and_lwf_holds_more_than_finetuning_after_the_second_task(methods):
+def test_icarl_beats_lwf_and_lwf_keeps_old_classes_that_finetuning_loses(methods):
     """LwF's *final* accuracy against fine-tuning's depends on the seed on digits (README, "Results":
     seed 0 22.2 against 14.2, seeds 1 and 2 9.8 / 14.9 and 12.0 / 14.2; on an H100 10.2 / 14.9), so
-    it is not asserted; after the second task LwF held more in all six runs measured (seeds 0-2,
-    fp32 and bf16, by 3.3 to 19 points), and iCaRL (NME) ended above LwF by 29 points or more (fp32)."""
+    it is not asserted. What its distillation shows in every run measured is old classes kept: the
+    accuracy on the earlier tasks' classes, averaged over tasks 2-5, was 16.3 to 30.7 for LwF (seeds
+    0-2, fp32 and bf16) and 0 for fine-tuning, and 0 for LwF with loss.distillation=none too. iCaRL
+    (NME) ended above LwF by 29 points or more (fp32)."""
+    def old_classes(m):  # per later task, the mean accuracy over the tasks before it; then their mean
+        rows = methods[m]["fc"]["accuracy_matrix"][1:]
+        return sum(sum(row[:t]) / t for t, row in enumerate(rows, 1)) / len(rows)
+
     final = {m: methods[m][methods[m]["classifiers"][0]]["final_accuracy"] for m in methods}
     assert final["icarl"] > final["lwf"] + 10.0
-    after_second = {m: methods[m]["fc"]["accuracy"][1] for m in ("lwf", "finetune")}
-    assert after_second["lwf"] > after_second["finetune"], after_second
+    assert old_classes("lwf") > 10.0 and old_classes("finetune") < 1.0, (old_classes("lwf"), old_classes("finetune"))
 
 
 def test_the_demo_tells_the_studys_story(methods):
