@@ -444,7 +444,6 @@ def test_batched_benchmark_on_the_gpu(tmp_path):
     assert all(r["graphed"] for r in d["results"])  # the fused step is captured like any other
 
 
-
 @cuda
 def test_cudnn_benchmark_auto_is_off_in_a_cuda_run_and_put_back(torch_state, tiny_data, tmp_path):
     from cilab.config import build_config

@@ -280,5 +280,3 @@ def test_balanced_finetuning_trains_the_head_alone(method, tmp_path, monkeypatch
     assert heads and all(set(names) == heads for names in stages), stages  # no backward through the backbone
     # the task after a stage trains the whole network again: the freeze ends with its loop
     assert len(tasks[2]) > len(heads) and set(tasks[2]) == set(tasks[0])
-
-

@@ -533,9 +533,6 @@ class RayExecutor:
         _check_threads(threads)
         self.address, self.gpus_per_run, self.cpus_per_run, self.threads = address, gpus_per_run, cpus_per_run, threads
 
-    def notes(self, specs: list[RunSpec]) -> list[str]:
-        return []  # how runs share a GPU is the cluster's business (--gpus-per-run)
-
     def __call__(self, specs: list[RunSpec], work) -> Iterator[Event]:
         import ray
 
