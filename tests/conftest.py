@@ -1,7 +1,5 @@
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,44 +24,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture
-def tiny_overrides():
-    """The fastest settings that still train something on digits."""
-    return ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
-
-
-def interrupted_and_resumed(cfg, tmp_path, monkeypatch, stop_at: int = 2):
-    """(the uninterrupted run's metrics, the metrics of a run stopped before task stop_at+1 and resumed).
-
-    On a GPU both runs use train.deterministic=true: without it two CUDA runs of one seed already
-    differ (cuDNN's atomics), resumed or not; on the H100 the EWC and LUCIR resume tests failed so."""
-    import dataclasses
-
-    from cilab import experiment
-
-    if torch.cuda.is_available() and cfg.train.device != "cpu":
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, deterministic=True))
-    whole = experiment.run(cfg, tmp_path / "whole", progress=False)
-    real = experiment.Protocol.run_task
-
-    def stop(self, t):
-        if t == stop_at:
-            raise KeyboardInterrupt
-        real(self, t)
-
-    monkeypatch.setattr(experiment.Protocol, "run_task", stop)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(experiment.Protocol, "run_task", real)
-    return whole, experiment.run(cfg, tmp_path / "cut", resume=True, progress=False)
-
-
-def small_npz(path: Path, **over) -> Path:
-    """An npz dataset of 4 classes of random 8x8 grey images (10 train, 2 test a class); ``over``
-    replaces arrays, to make a file bad in one named way."""
-    rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.repeat(np.arange(4), 10),
-                  x_test=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8), y_test=np.repeat(np.arange(4), 2))
-    np.savez(path, **{**arrays, **over})
-    return path

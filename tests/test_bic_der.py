@@ -19,7 +19,7 @@ from cilab.methods import TaskContext
 from cilab.methods.bic import BiC, fit_affine
 from cilab.methods.derpp import DERpp, DERppArgs
 from cilab.models import Outputs
-from conftest import interrupted_and_resumed
+from helpers import eager_and_graphed, interrupted_and_resumed
 
 SMALL = ["data.name=digits", "train.epochs=1", "train.milestones=[]", "train.batch_size=128",
          "model.name=resnet20", "memory.size=40", "eval.classifiers=[fc,nme]"]
@@ -63,8 +63,6 @@ class _Tiny(torch.nn.Module):
 
 
 def test_a_graphed_step_copies_the_per_sample_tensors_in_like_the_images():
-    from test_speed_paths import eager_and_graphed
-
     def loss(x, y, out, old, target):  # a loss that needs each image's own row
         return (out.logits - target).pow(2).mean()
 

@@ -1,4 +1,3 @@
-import hashlib
 import pickle
 
 import numpy as np
@@ -7,6 +6,7 @@ import torch
 
 from cilab.config import DataConfig
 from cilab.data import DatasetError, load_dataset
+from helpers import write_fake_cifar100
 
 
 def test_digits_are_the_sklearn_images_scaled_to_0_255_and_upsampled_4x():
@@ -104,27 +104,6 @@ def test_npz_problems_are_named(tmp_path, over, message):
     path = _write_npz(tmp_path / "bad.npz", **over)
     with pytest.raises(DatasetError, match=message):
         load_dataset(DataConfig(name="npz", path=str(path)))
-
-
-def write_fake_cifar100(root, n_train=20, n_test=10, monkeypatch=None):
-    """A small file set in torchvision's on-disk CIFAR-100 format; its md5s patched in."""
-    from torchvision.datasets import CIFAR100
-
-    folder = root / CIFAR100.base_folder
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [f"class{i}" for i in range(100)]
-    for split, n in (("train", n_train), ("test", n_test)):
-        entry = {"data": rng.integers(0, 256, (n * 100, 3072), dtype=np.uint8),
-                 "fine_labels": np.repeat(np.arange(100), n).tolist(), "coarse_labels": [0] * (n * 100)}
-        (folder / split).write_bytes(pickle.dumps(entry))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names}))
-    md5 = lambda f: hashlib.md5((folder / f).read_bytes()).hexdigest()  # noqa: E731
-    if monkeypatch is not None:
-        monkeypatch.setattr(CIFAR100, "train_list", [["train", md5("train")]])
-        monkeypatch.setattr(CIFAR100, "test_list", [["test", md5("test")]])
-        monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5("meta")})
-    return folder
 
 
 def test_cifar100_from_torchvision_on_disk_format(tmp_path, monkeypatch):

@@ -2,55 +2,15 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from cilab.cli import main
 from cilab.config import build_config
 from cilab.experiment import run
+from helpers import check_bookkeeping
 
 # The runs of `make demo` (cilab.cli.DEMO_OVERRIDES / DEMO_METHODS): 5 tasks of 2 digits, the
 # settings the README's "Results" explains, so these tests check the story the demo tells.
-
-
-def check_bookkeeping(out, m):
-    """Every accuracy in metrics.json recomputed from the saved confusion matrices, and every
-    confusion row checked against the dataset's own test-image count of that class.
-
-    Independent of evaluation.py: the class counts come from the dataset (as the run
-    folder's config.yaml names it) and the class order, accuracies from confusion traces.
-    Catches accuracies over the wrong images (unseen classes, another task), a shifted
-    accuracy matrix, lost or double-counted images.
-    """
-    import yaml
-
-    from cilab.config import config_from_dict
-    from cilab.data import load_dataset
-    from cilab.results import CONFIG
-
-    y_test = load_dataset(config_from_dict(yaml.safe_load((out / CONFIG).read_text())).data).y_test
-    per_class = [int((y_test == c).sum()) for c in m["class_order"]]  # output k = k-th class of the order
-    cpt = m["classes_per_task"]
-    with np.load(out / "confusion.npz") as z:
-        for clf in m["classifiers"]:
-            r = m[clf]
-            for t in range(m["num_tasks"]):
-                cm = z[f"{clf}_task{t + 1:02d}"]
-                n = cpt * (t + 1)
-                # one more column, for predictions of classes not seen yet, only where the
-                # arg-max may pick one: the FC head over all its outputs (eval.fc_scope=all)
-                unseen = clf == "fc" and r["scope"] == "all"
-                assert cm.shape == (n, n + 1 if unseen else n), (clf, t, cm.shape)
-                assert cm.sum(axis=1).tolist() == per_class[:n], (clf, t)
-                assert r["accuracy"][t] == pytest.approx(100.0 * np.trace(cm) / cm.sum()), (clf, t)
-                for j in range(t + 1):
-                    block = cm[j * cpt:(j + 1) * cpt]
-                    hits = sum(block[i, j * cpt + i] for i in range(cpt))
-                    assert r["accuracy_matrix"][t][j] == pytest.approx(100.0 * hits / block.sum()), (clf, t, j)
-                assert r["accuracy_matrix"][t][t + 1:] == [None] * (m["num_tasks"] - t - 1)
-                assert r["current_task_accuracy"][t] == pytest.approx(r["accuracy_matrix"][t][t])
-            assert r["final_accuracy"] == r["accuracy"][-1]
-            assert r["average_incremental_accuracy"] == pytest.approx(sum(r["accuracy"]) / len(r["accuracy"]))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +103,7 @@ def test_all_five_classifiers_from_one_training(tmp_path):
 
 
 def test_cifar100_path_gives_a_working_run(tmp_path, monkeypatch, capsys):
-    from test_datasets import write_fake_cifar100
+    from helpers import write_fake_cifar100
 
     write_fake_cifar100(tmp_path / "data", n_train=5, n_test=2, monkeypatch=monkeypatch)
     code = main(["run", "icarl", "--out", str(tmp_path / "run"), "--quiet", f"data.root={tmp_path / 'data'}",

@@ -337,6 +337,7 @@ def test_batched_benchmark_json_adds_up(tmp_path):
     d = json.loads(out.read_text())
     assert [(r["models"], r["images"]) for r in d["results"]] == [(1, 2 * 4), (3, 2 * 4 * 3)]  # steps x batch x N
     assert not any(r["graphed"] for r in d["results"])  # no CUDA graphs on a CPU
+    assert d["cuda_graphs"] == "off" and d["amp"] == "off" and d["model"] == "resnet20" and d["compile"] is False
     for r in d["results"]:
         assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
     one, three = (r["images_per_s"] for r in d["results"])
@@ -344,6 +345,34 @@ def test_batched_benchmark_json_adds_up(tmp_path):
     # finetune, seeds 0 and 1: 2 x 3,150,000 images (see test_concurrency_benchmark_json_adds_up)
     assert d["study_train_images"] == 6_300_000
     assert d["projected_study_train_s_at_best"] == pytest.approx(6_300_000 / max(one, three))
+
+
+def test_throughput_benchmark_runs_on_the_cpu_and_records_what_it_trained_under(tmp_path):
+    """a, b and c for two rounds on the CPU; the medians are those of the rounds, and the JSON
+    records torch's cuDNN autotuning flag during the benchmark, as metrics.json does: with
+    train.cudnn_benchmark=auto a CPU run leaves the caller's flag alone, so that is what it
+    trained under (it was once recorded as null, the resolved request)."""
+    from cilab import cli
+
+    out = tmp_path / "throughput.json"
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        assert cli.main(["bench", "throughput", "--rounds", "2", "--images", "48", "--exemplars", "16", "--workers",
+                         "0", "--out", str(out), "train.batch_size=32", "model.name=resnet20",
+                         "train.device=cpu"]) == 0
+        assert torch.backends.cudnn.benchmark is True  # the caller's flag, left as it was
+    finally:
+        torch.backends.cudnn.benchmark = before
+    d = json.loads(out.read_text())
+    assert d["cudnn_benchmark"] is True and d["amp"] == "off" and d["cuda_graphs"] == "off"
+    assert d["compile"] is False and d["model"] == "resnet20" and d["deterministic"] is False
+    assert d["images_per_epoch"] == 64 and d["epochs_per_round"] == 1  # a round is one epoch on the CPU
+    for key, k in (("a_bare_step_img_s", "a"), ("b_cilab_trainer_img_s", "b"), ("c_reference_dataloader_img_s", "c")):
+        rounds = d["all_rounds_img_s"][k]
+        assert len(rounds) == 2 and all(r > 0 for r in rounds)
+        assert d[key] == pytest.approx((rounds[0] + rounds[1]) / 2)  # the median of two
+    assert d["b_over_a"] == pytest.approx(d["b_cilab_trainer_img_s"] / d["a_bare_step_img_s"])
 
 
 def test_batched_benchmark_refuses_what_it_cannot_fuse(capsys):

@@ -15,7 +15,7 @@ from cilab.methods.podnet import (LocalSimilarityHead, nca_loss, pod_embedding, 
                                   pod_spatial_loss)
 from cilab.models import create_model
 from cilab.results import load_checkpoint
-from conftest import interrupted_and_resumed
+from helpers import interrupted_and_resumed
 
 # resnet20 and one epoch: the run tests must stay cheap on a shared CPU
 B0 = ["model.name=resnet20", "data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",

@@ -17,7 +17,7 @@ from cilab.data import Scenario
 from cilab.methods import METHODS, TaskContext
 from cilab.methods.ewc import EWC, EWCArgs
 from cilab.methods.wa import WAArgs, WeightAligning
-from conftest import interrupted_and_resumed
+from helpers import interrupted_and_resumed
 
 # ResNet-20 wherever the depth does not matter: the suite must stay short on CI's two cores
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
@@ -285,7 +285,6 @@ class _RecordingCriterion:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_method_reads_the_loss_section_unless_it_says_it_has_its_own(name):
     from cilab.config import build_config
-    from cilab.models import create_model
 
     method = METHODS[name](METHODS[name].Args())
     model = method.build_model(build_config(name).model, 4)

@@ -21,7 +21,7 @@ from cilab import cli, reproduce as rp, results
 from cilab.config import ConfigError
 from cilab.reproduce import LocalExecutor, RunResult, RunSpec, make_executor, reproduce
 
-from test_report import tiny_npz, tiny_overrides
+from helpers import REPEATABLE, npz_overrides, tiny_npz
 
 GROUPS = {"par": {"runs": [
     {"preset": "icarl", "seeds": [0, 1]},
@@ -38,9 +38,8 @@ def npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def overrides(npz):
-    # on a GPU two runs of one seed agree bit for bit only with deterministic algorithms
-    # (README, "Deterministic CUDA"); a CPU run needs nothing more than its thread count
-    return tiny_overrides(npz, tasks=2) + (["train.deterministic=true"] if torch.cuda.is_available() else [])
+    # runs are compared number for number: on a GPU that needs deterministic algorithms
+    return npz_overrides(npz, tasks=2) + REPEATABLE
 
 
 def numbers(folder: Path) -> dict:

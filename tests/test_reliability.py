@@ -23,7 +23,7 @@ import yaml
 from cilab import cli, experiment, results
 from cilab.config import build_config, config_from_dict
 from cilab.losses import Criterion
-from conftest import small_npz
+from helpers import small_npz
 
 # train.deterministic: on a GPU two runs with one seed differ without it (issue 17)
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]",

@@ -17,50 +17,7 @@ from cilab.config import build_config
 from cilab.experiment import run
 from cilab.plots import CONFUSION_FIGSIZE, DPI, FIGSIZE, TSNE_EXTRA_IN, TSNE_PANEL_IN, exemplar_grid_size
 from cilab.report import find_run_folders, group_runs, load_run, make_report
-
-
-def tiny_npz(path, per_class=12, test_per_class=4):
-    """A real but small dataset: the first images of each digit (10 classes)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    xs, ys, xt, yt = [], [], [], []
-    for c in range(10):
-        idx = np.flatnonzero(d.target == c)
-        xs.append(d.images[idx[:per_class]])
-        xt.append(d.images[idx[per_class: per_class + test_per_class]])
-        ys += [c] * per_class
-        yt += [c] * test_per_class
-    u8 = lambda a: (np.concatenate(a) * (255 / 16)).round().astype(np.uint8)  # noqa: E731
-    np.savez(path, x_train=u8(xs), y_train=np.array(ys), x_test=u8(xt), y_test=np.array(yt))
-    return path
-
-
-def tiny_overrides(npz, tasks=5):
-    """The fastest settings that still train: one batch per task, ResNet-20, K=20."""
-    return ["data.name=npz", f"data.path={npz}", f"scenario.num_tasks={tasks}", "train.epochs=1", "train.milestones=[]",
-            "train.batch_size=64", "memory.size=20", "model.name=resnet20"]
-
-
-def fake_metrics(preset, seed, overrides, acc_by_clf, status="complete", cpt=2):
-    """A metrics.json as experiment.run writes it, from accuracy lists (one per classifier)."""
-    from cilab.evaluation import summarize
-
-    n = len(next(iter(acc_by_clf.values())))
-    m = {"method": preset, "preset": preset, "seed": seed, "overrides": overrides + [f"seed={seed}"],
-         "dataset": "digits", "classes_per_task": cpt, "num_tasks": n, "classifiers": list(acc_by_clf),
-         "status": status, "completed_tasks": n if status == "complete" else n - 2, "memory_total": [0] * n}
-    for c, acc in acc_by_clf.items():
-        matrix = [[acc[t] + j for j in range(t + 1)] + [None] * (n - t - 1) for t in range(n)]
-        m[c] = {"accuracy": acc, "current_task_accuracy": [a + 5 for a in acc], "accuracy_matrix": matrix,
-                **summarize(acc, matrix)}
-    return m
-
-
-def write_run(folder, metrics):
-    folder.mkdir(parents=True)
-    results.atomic_write_json(folder / results.METRICS, metrics)
-    return folder
+from helpers import fake_metrics, npz_overrides, tiny_npz, write_run
 
 
 def png_size(path):
@@ -74,7 +31,7 @@ def real_runs(tmp_path_factory):
     """Two real iCaRL runs (seeds 0, 1: 2 tasks of 5 digits) beside a finetune, a failed and an incomplete run."""
     root = tmp_path_factory.mktemp("runs")
     npz = tiny_npz(root / "tiny.npz")
-    ov = tiny_overrides(npz, tasks=2)
+    ov = npz_overrides(npz, tasks=2)
     folders = []
     for seed in (0, 1):
         cfg = build_config("icarl", ov + [f"seed={seed}"])

@@ -11,7 +11,7 @@ import pytest
 from cilab import cli, plots
 from cilab.report import find_run_folders, format_summary_table, group_runs, load_run, summarize_variants
 
-from test_report import fake_metrics, write_run
+from helpers import fake_metrics, write_run
 
 # final accuracies 60, 62, 67: mean 63, squared deviations 9 + 1 + 16 = 26
 #   ddof=1: sqrt(26 / 2) = 3.6056;  ddof=0 (the study): sqrt(26 / 3) = 2.9439

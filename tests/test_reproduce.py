@@ -15,7 +15,7 @@ from cilab.config import ConfigError, preset_names
 from cilab.data import DatasetError
 from cilab.reproduce import load_groups, plan, reproduce, run_one
 
-from test_report import tiny_npz, tiny_overrides
+from helpers import npz_overrides, tiny_npz
 
 GROUPS = {
     "tiny": {"description": "test group", "runs": [
@@ -49,7 +49,7 @@ def test_bundled_groups_match_the_study():
 
 def test_plan_validates_everything_before_any_run(tmp_path, npz, monkeypatch):
     monkeypatch.setattr(experiment, "run", no_training)
-    ov = tiny_overrides(npz)
+    ov = npz_overrides(npz)
     specs = plan("tiny", tmp_path, ov, groups=GROUPS)
     assert [s.name for s in specs] == ["icarl-s0", "finetune-s0"]
     assert specs[0].cfg.memory.size == 20 and specs[1].cfg.memory.size == 0
@@ -74,7 +74,7 @@ def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(
     from cilab.reproduce import dropped_notes
 
     groups = {"mixed": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "wa", "seeds": [0]}]}}
-    specs = plan("mixed", tmp_path, tiny_overrides(npz) + ["loss.classification=ce", "loss.distillation=mse"],
+    specs = plan("mixed", tmp_path, npz_overrides(npz) + ["loss.classification=ce", "loss.distillation=mse"],
                  groups=groups)
     icarl, wa = specs
     assert (icarl.cfg.loss.classification, icarl.cfg.loss.distillation) == ("ce", "mse")
@@ -82,14 +82,14 @@ def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(
     assert dropped_notes(specs) == [f"{o} not applied to wa-s0: their method has a loss of its own"
                                     for o in ("loss.classification=ce", "loss.distillation=mse")]
     # a whole section at once is left out the same way
-    specs = plan("mixed", tmp_path, tiny_overrides(npz) + ["loss={classification: ce, distillation: mse}"],
+    specs = plan("mixed", tmp_path, npz_overrides(npz) + ["loss={classification: ce, distillation: mse}"],
                  groups=groups)
     assert specs[0].cfg.loss.classification == "ce" and specs[1].cfg.loss.classification == "bce"
     assert [o for o, _ in specs[1].dropped] == ["loss={classification: ce, distillation: mse}"]
 
 
 def test_reproduce_runs_skips_resumes_and_reports(tmp_path, npz, monkeypatch, capsys):
-    ov = tiny_overrides(npz, tasks=2)  # two tiny trainings + one resumed task
+    ov = npz_overrides(npz, tasks=2)  # two tiny trainings + one resumed task
     gfile = tmp_path / "groups.yaml"
     gfile.write_text(yaml.safe_dump(GROUPS))
     out = tmp_path / "rep"
@@ -169,7 +169,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, npz, monkeypa
     gfile.write_text(yaml.safe_dump(groups))
     monkeypatch.setattr(experiment, "run", fake_run({"finetune-s1"}))
     out = tmp_path / "rep"
-    rc = cli.main(["reproduce", "three", "--out", str(out), "--groups-file", str(gfile), "--quiet", *tiny_overrides(npz)])
+    rc = cli.main(["reproduce", "three", "--out", str(out), "--groups-file", str(gfile), "--quiet", *npz_overrides(npz)])
     assert rc == 1
     io = capsys.readouterr()
     assert "FAILED finetune-s1" in io.err and "injected failure" in io.err
@@ -185,7 +185,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, npz, monkeypa
 
     # next time only the failed run is run again (resumed: same config, not complete)
     monkeypatch.setattr(experiment, "run", fake_run(set()))
-    specs = plan("three", out, tiny_overrides(npz), groups=groups)
+    specs = plan("three", out, npz_overrides(npz), groups=groups)
     assert [s.action for s in specs] == ["skip", "resume", "skip"]
     assert run_one(specs[1], progress=False).status == "resumed"
 
@@ -193,7 +193,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, npz, monkeypa
 def test_a_folder_with_another_config_is_refused_unless_overwrite(tmp_path, npz, monkeypatch):
     groups = {"one": {"runs": [{"preset": "finetune", "seeds": [0]}]}}
     monkeypatch.setattr(experiment, "run", fake_run(set()))
-    ov = tiny_overrides(npz)
+    ov = npz_overrides(npz)
     reproduce("one", tmp_path, ov, groups=groups, progress=False, report=False)
     with pytest.raises(ConfigError, match=r"train.lr: 2.0 saved, 0.5 now") as e:
         plan("one", tmp_path, ov + ["train.lr=0.5"], groups=groups)
@@ -209,7 +209,7 @@ def test_tracking_switched_on_is_the_same_run_for_reproduce_as_for_run_resume(tm
     # `cilab run --resume ... log.tensorboard=true` continues a run; reproduce must agree (one comparison)
     groups = {"one": {"runs": [{"preset": "finetune", "seeds": [0]}]}}
     monkeypatch.setattr(experiment, "run", fake_run(set()))
-    ov = tiny_overrides(npz)
+    ov = npz_overrides(npz)
     reproduce("one", tmp_path, ov, groups=groups, progress=False, report=False)
     assert [s.action for s in plan("one", tmp_path, ov + ["log.tensorboard=true"], groups=groups)] == ["skip"]
 

@@ -28,8 +28,7 @@ import torch
 from cilab import cli, experiment, results
 from cilab.config import Config, ConfigError, build_config
 
-from conftest import small_npz
-from test_report import tiny_npz, tiny_overrides
+from helpers import npz_overrides, small_npz, tiny_npz
 
 TINY = ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]",
         "train.batch_size=64", "memory.size=20"]
@@ -70,7 +69,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def ov(tmp_path_factory):
     """Overrides of the real runs here: a digits subset, 2 tasks of 5 classes."""
-    return tiny_overrides(tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz"), tasks=2)
+    return npz_overrides(tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz"), tasks=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The CUDA fast paths (bf16 autocast, channels_last, CUDA-graph capture) and the no-sync loop, checked on the CPU."""
 
-import contextlib
 import copy
 
 import pytest
@@ -13,7 +12,8 @@ from cilab.data.loader import Normalizer
 from cilab.experiment import resolve_amp, resolve_channels_last, resolve_cuda_graphs, run
 from cilab.losses import Criterion
 from cilab.models import create_model
-from cilab.trainer import GraphBackend, GraphCaptureError, GraphedStep, autocast_for, build_step, train_task
+from cilab.trainer import GraphCaptureError, autocast_for, train_task
+from helpers import StandInCapture, check_bookkeeping, eager_and_graphed
 
 TINY = ["data.name=digits", "scenario.num_tasks=5", "train.epochs=1", "train.milestones=[]", "train.batch_size=64",
         "memory.size=40"]
@@ -65,8 +65,6 @@ def small_digits(path):
 
 
 def test_bf16_autocast_runs_the_trainer_and_a_whole_run(tmp_path):
-    from test_end_to_end import check_bookkeeping
-
     data = small_digits(tmp_path / "digits.npz")
     tiny = TINY + data
     dtypes = set()  # what the convolutions computed in: the training steps must run in bf16
@@ -145,50 +143,7 @@ def test_training_loop_reads_the_loss_only_a_few_times_per_epoch(monkeypatch):
 
 
 # -- CUDA-graph capture of the step ------------------------------------------------------------
-# torch.cuda.graph cannot run on a CPU, so these tests put a stand-in backend
-# behind GraphedStep that keeps a capture's contract: capturing runs nothing
-# (every tensor is left as it was), a replay recomputes the recorded step from
-# the static inputs into the static output, and the Python numbers of the step
-# (the learning rate) stay those of the capture. What they check is GraphedStep
-# and the loop around it: warm-up, a capture per batch shape and learning rate,
-# the copy of each batch into the static inputs, the loss handed back.
-# tests/test_cuda.py runs the real capture where a GPU is present.
-
-
-class StandInCapture(GraphBackend):
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer  # optimizer: () -> the step's optimiser
-        self.warmups = self.captures = self.replays = 0
-
-    def _state(self):
-        opt = self.optimizer()
-        bufs = [opt.state[p]["momentum_buffer"] for p in self.model.parameters() if p in opt.state]
-        return [*self.model.parameters(), *self.model.buffers(), *bufs]
-
-    def warmup(self):
-        self.warmups += 1
-        return contextlib.nullcontext()
-
-    def capture(self, fn):
-        self.captures += 1
-        saved = [t.detach().clone() for t in self._state()]
-        out = fn().detach().clone()
-        with torch.no_grad():  # a real capture executes nothing: undo the step
-            for t, s in zip(self._state(), saved):
-                t.copy_(s)
-        groups = self.optimizer().param_groups
-        frozen_lrs = [g["lr"] for g in groups]  # a graph keeps the kernel arguments of its capture
-
-        def replay():
-            self.replays += 1
-            now = [g["lr"] for g in groups]
-            for g, lr in zip(groups, frozen_lrs):
-                g["lr"] = lr
-            out.copy_(fn().detach())
-            for g, lr in zip(groups, now):
-                g["lr"] = lr
-
-        return replay, out
+# torch.cuda.graph cannot run on a CPU: these tests put helpers.StandInCapture behind GraphedStep.
 
 
 class FailingCapture(StandInCapture):
@@ -227,17 +182,6 @@ def test_graphed_training_equals_eager_training_bit_for_bit(monkeypatch):
     # the new lr in epoch 2, the last batch in epoch 4. Every other batch is a replay.
     assert backend.warmups == 6 and backend.captures == 3
     assert backend.replays == 5 * 7 - 6
-
-
-def eager_and_graphed(models, loss):
-    """(an eager step of models[0], a graphed step of models[1] on a stand-in capture, the backend),
-    both with ``loss`` and one optimiser setting: the two models must start equal."""
-    models[1].load_state_dict(models[0].state_dict())
-    cfg = build_config("icarl", ["train.lr=0.5"]).train
-    eager, _, _ = build_step(models[0], cfg, loss, None, torch.device("cpu"))
-    step, opt, _ = build_step(models[1], cfg, loss, None, torch.device("cpu"))
-    backend = StandInCapture(models[1], lambda: opt)
-    return eager, GraphedStep(step, opt, backend, strict=True, warmup=1), backend
 
 
 def test_graphed_step_returns_each_batch_loss_and_copies_each_batch_in():

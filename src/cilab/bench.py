@@ -74,6 +74,16 @@ class Setup:
         self.rt = Runtime.resolve(self.cfg.train)
         self.device, self.memory_format = self.rt.device, self.rt.memory_format
 
+    def settings(self) -> dict:
+        """What the benchmark trains under, for its JSON. cuDNN autotuning is read from torch while
+        the run's settings are applied, as metrics.json records it: on a CPU, where
+        train.cudnn_benchmark=auto leaves torch's flag alone, that is the flag as it was."""
+        with self.rt.applied():
+            cudnn_benchmark = torch.backends.cudnn.benchmark
+        return {"amp": self.rt.amp, "channels_last": self.rt.channels_last, "cuda_graphs": self.rt.graphs,
+                "deterministic": self.rt.deterministic, "cudnn_benchmark": cudnn_benchmark,
+                "compile": self.cfg.train.compile, "model": self.cfg.model.name}
+
     def model(self, num_classes: int = 100) -> torch.nn.Module:
         torch.manual_seed(0)
         model = create_model(self.cfg.model, num_classes).to(self.device, memory_format=self.memory_format)
@@ -218,10 +228,7 @@ def _throughput(args, setup: Setup) -> dict:
         rounds["c"].append(c(epochs))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
-        "benchmark": "throughput", **_device_info(device), "amp": setup.rt.amp, "channels_last": setup.rt.channels_last,
-        "cuda_graphs": setup.rt.graphs, "deterministic": setup.rt.deterministic,
-        "cudnn_benchmark": setup.rt.cudnn_benchmark, "compile": cfg.train.compile, "batch_size": cfg.train.batch_size,
-        "model": cfg.model.name,
+        "benchmark": "throughput", **_device_info(device), **setup.settings(), "batch_size": cfg.train.batch_size,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],
@@ -264,7 +271,7 @@ def protocol(args) -> dict:
     return {
         "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
         "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"], "deterministic": m["deterministic"],
-        "cudnn_benchmark": m["cudnn_benchmark"],
+        "cudnn_benchmark": m["cudnn_benchmark"], "compile": cfg.train.compile,
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
@@ -497,9 +504,7 @@ def concurrency(args) -> dict:
     for r in ok:
         r["speedup_over_one_run"] = r["aggregate_images_per_s"] / base["aggregate_images_per_s"] if base else None
     out = {
-        "benchmark": "concurrency", **_device_info(setup.device), "amp": setup.rt.amp,
-        "channels_last": setup.rt.channels_last, "cuda_graphs": setup.rt.graphs,
-        "deterministic": setup.rt.deterministic, "cudnn_benchmark": setup.rt.cudnn_benchmark,
+        "benchmark": "concurrency", **_device_info(setup.device), **setup.settings(),
         "batch_size": setup.cfg.train.batch_size,
         "images_per_run": args.images, "epochs": epochs, "warmup_epochs": args.warmup_epochs,
         "mps_running": mps_running() if setup.device.type == "cuda" else None, "load_average_1min": os.getloadavg()[0],
@@ -563,6 +568,8 @@ def batched(args) -> dict:
             model = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
             old = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
             old.eval().requires_grad_(False)
+            if cfg.train.compile:
+                model = torch.compile(model)
 
             def loss_fn(x, y, out, old_out, n=n):
                 # every network's mean loss, summed: B x N rows as one batch of B*N, times N
@@ -592,9 +599,7 @@ def batched(args) -> dict:
     best = max(results, key=lambda r: r["images_per_s"])
     total = sum(r["images"] for r in study_images(load_groups(args.groups_file), _parse_seeds(args.study_seeds),
                                                   classes=args.classes, per_class=args.per_class))
-    return {"benchmark": "batched", **_device_info(device), "model": cfg.model.name, "amp": setup.rt.amp,
-            "channels_last": setup.rt.channels_last, "cuda_graphs": setup.rt.graphs,
-            "cudnn_benchmark": setup.rt.cudnn_benchmark, "batch_size_per_model": bs, "results": results,
+    return {"benchmark": "batched", **_device_info(device), **setup.settings(), "batch_size_per_model": bs, "results": results,
             "study_train_images": total, "best_models": best["models"],
             # a ceiling: every image at the best fused rate, no data loading, herding or evaluation
             "projected_study_train_s_at_best": total / best["images_per_s"]}

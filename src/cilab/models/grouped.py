@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .resnet import Outputs, ResNetCifar
 
