@@ -38,3 +38,31 @@ def test_package_exports():
     assert "icarl" in METHODS and "resnet18" in MODELS and "imagefolder" in DATASETS and "cifar10" in DATASETS
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         cilab.nothing  # noqa: B018
+
+
+def _lines_of_code(path: Path) -> int:
+    """Lines that are not blank, not comments and not docstrings (module, class or function)."""
+    import ast
+
+    src = path.read_text()
+    docs = set()
+    for node in ast.walk(ast.parse(src)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            docs.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(1 for i, line in enumerate(src.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docs)
+
+
+def test_the_readme_method_table_gives_each_files_true_size():
+    """The "lines of code (of the file)" column of README's method table, against the files."""
+    import re
+
+    rows = re.findall(r"^\| `([a-z+]+)`[^|]*\| (\d+) \((\d+)\) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == 12, rows
+    for name, code, lines in rows:
+        path = ROOT / "src" / "cilab" / "methods" / f"{name}.py"
+        assert (int(code), int(lines)) == (_lines_of_code(path), len(path.read_text().splitlines())), name
+    shared = re.search(r"share `methods/balanced.py` \((\d+) lines of code\)", (ROOT / "README.md").read_text())
+    assert int(shared.group(1)) == _lines_of_code(ROOT / "src" / "cilab" / "methods" / "balanced.py")

@@ -144,6 +144,44 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient_by_hand():
     assert torch.allclose(fisher[0], torch.tensor([[0.25], [0.25]]))
 
 
+# -- trains_on: what the default training_data returns -----------------------------------------
+
+
+def test_trains_on_seen_makes_the_default_training_data_every_class_so_far(tmp_path):
+    """A plugin that only declares ``trains_on = "seen"`` trains, as joint does, on every class seen
+    so far: the declaration bench.study_images prices a run by is the one training reads. 4 classes of
+    10 training images in 2 tasks, 1 epoch, no memory: 20 + 20 images "current", 20 + 40 "seen"."""
+    from cilab.methods.base import Method, register
+    from helpers import small_npz
+
+    @register("test-seen-plugin")
+    class SeenPlugin(Method):
+        trains_on = "seen"
+
+    data = ["data.name=npz", f"data.path={small_npz(tmp_path / 'four.npz')}", "scenario.num_tasks=2",
+            "train.epochs=1", "train.milestones=[]", "train.batch_size=8", "model.name=resnet20",
+            "eval.classifiers=[fc]", "memory.size=0", "train.val_split=0.0", "train.keep_best=false"]
+    try:
+        seen = experiment.run(build_config("finetune", data + ["method=test-seen-plugin"]), tmp_path / "s",
+                              progress=False)
+    finally:
+        METHODS._items.pop("test-seen-plugin")
+    current = experiment.run(build_config("finetune", data), tmp_path / "c", progress=False)
+    joint = experiment.run(build_config("finetune", data + ["method=joint"]), tmp_path / "j", progress=False)
+    assert current["train_images"] == 20 + 20
+    assert seen["train_images"] == joint["train_images"] == 20 + 40
+
+
+def test_an_unknown_trains_on_is_refused_when_the_method_is_defined():
+    from cilab.methods.base import Method, register
+
+    with pytest.raises(TypeError, match="trains_on = 'all'.*'current' or 'seen'"):
+        @register("test-bad-trains-on")
+        class Bad(Method):
+            trains_on = "all"
+    assert "test-bad-trains-on" not in METHODS
+
+
 # -- joint: a fresh network per task ---------------------------------------------------------------
 
 

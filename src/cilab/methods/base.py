@@ -43,10 +43,17 @@ if TYPE_CHECKING:  # only for annotations: experiment imports this module
 METHODS: Registry[type["Method"]] = Registry("method")
 
 
+# Method.trains_on: the first output whose classes the default training_data returns.
+TRAINS_ON = {"current": lambda ctx: ctx.n_old, "seen": lambda ctx: 0}
+
+
 def register(name: str):
     """Class decorator: ``@register("wa")`` makes ``method: wa`` in a config use this class."""
 
     def deco(cls: type["Method"]) -> type["Method"]:
+        if cls.trains_on not in TRAINS_ON:
+            raise TypeError(f"method {name}: trains_on = {cls.trains_on!r}; it must be "
+                            f"{' or '.join(map(repr, TRAINS_ON))}")
         cls.name = name
         return METHODS.register(name)(cls)
 
@@ -96,6 +103,8 @@ class Method:
                        ``loss.*`` override is then refused, not silently ignored
       ``uses_memory``  keeps exemplars: ``memory.size`` must be > 0
       ``graph_safe``   its loss / after_step can be captured in a CUDA graph
+      ``trains_on``    "current" (default) or "seen": the classes the default ``training_data``
+                       returns, task t's or every class so far (joint), plus the exemplars
     """
 
     name: ClassVar[str] = ""
@@ -104,8 +113,9 @@ class Method:
     own_loss: ClassVar[bool] = False
     uses_memory: ClassVar[bool] = False
     graph_safe: ClassVar[bool] = True
-    # What training_data returns, for estimates that cannot run it (bench.study_images):
-    # "current" (task t's classes, + exemplars) or "seen" (every class so far).
+    # The classes the default training_data returns: "current" (task t's, + the exemplars) or
+    # "seen" (every class so far, + the exemplars: joint). bench.study_images prices runs by it
+    # without running them, so a method that overrides training_data keeps it true.
     trains_on: ClassVar[str] = "current"
     # Limits on the method's settings, checked by ``check`` before any work:
     # {"key": "> 0" | ">= 0" | "in (0, 1)" | ("choice", "choice", ...)}.
@@ -166,13 +176,14 @@ class Method:
         """Change the network before task t trains (grow it, re-initialise it, imprint weights)."""
 
     def training_data(self, ctx: TaskContext) -> tuple[torch.Tensor, ...]:
-        """The uint8 images and labels task t trains on: its own classes plus the exemplars.
+        """The uint8 images and labels task t trains on: its own classes (``trains_on = "seen"``: every
+        class so far) plus the exemplars.
 
         A method may return further tensors with one row per image, ``(x, y, *per_sample)``
         (DER++: each exemplar's stored logits): they are shuffled and batched with the
         images and each batch's rows reach ``loss`` after ``old``.
         """
-        x, y = ctx.data(ctx.n_old, ctx.n_seen)
+        x, y = ctx.data(TRAINS_ON[self.trains_on](ctx), ctx.n_seen)
         if len(ctx.memory):
             mx, my = ctx.memory.data(ctx.device)
             x, y = torch.cat([x, mx.to(x.device)]), torch.cat([y, my])  # x may be in host memory

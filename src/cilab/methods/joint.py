@@ -11,8 +11,6 @@ departure, cheaper to converge but no longer the study's upper bound.
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import Method, TaskContext, register
 
 
@@ -24,7 +22,7 @@ class JointArgs:
 @register("joint")
 class Joint(Method):
     Args = JointArgs
-    trains_on = "seen"
+    trains_on = "seen"  # the default training_data: every class so far (no memory)
 
     def before_task(self, ctx: TaskContext) -> None:
         if self.args.warm_start or ctx.t == 0:
@@ -32,6 +30,3 @@ class Joint(Method):
         # A freshly built network's weights, drawn from the global RNG, whose state
         # every checkpoint saves: a resumed run draws the same initialisation.
         ctx.model.load_state_dict(ctx.new_model().state_dict())
-
-    def training_data(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return ctx.data(0, ctx.n_seen)
