@@ -265,12 +265,19 @@ def test_study_images_per_run_from_the_groups_and_the_scenario():
     assert by_name[("baselines", "joint-s1")] == STUDY_RUN_IMAGES["joint"]  # 3 seeds for every run, joint too
     assert by_name[("losses", "icarl-ce-mse-s0")] == STUDY_RUN_IMAGES["icarl"]
     assert by_name[("collage", "collage-resized-s1")] == STUDY_RUN_IMAGES["collage"]
+    # plain iCaRL is in five groups (baselines, icarl-variants, losses, collage, deepinversion):
+    # baselines trains it, the four others copy it, seed by seed
+    copies = {(r["group"], r["name"]): r["copy_of"] for r in runs if r["copy_of"]}
+    assert copies == {(g, f"icarl-s{seed}"): f"baselines/icarl-s{seed}"
+                      for g in ("icarl-variants", "losses", "collage", "deepinversion") for seed in (0, 1, 2)}
+    assert by_name[("baselines", "icarl-s1")] == STUDY_RUN_IMAGES["icarl"] and by_name[("losses", "icarl-s1")] == 0
     # the bundled groups: 22 runs (baselines 4, variants 4, losses 5, classifiers 1, collage 4,
-    # deepinversion 4) x 3 seeds; 4 collage runs' worth of exemplars short of all-iCaRL
+    # deepinversion 4) x 3 seeds, of which 18 trained; 3 collage runs' worth of exemplars short of all-iCaRL
     assert len(runs) == 66
-    n_collage = 3 * 3
-    expected = 3 * (3_150_000 + 3_500_000 + 19_250_000) + (66 - 9 - n_collage) * 4_753_000 + n_collage * 4_700_500
-    assert sum(r["images"] for r in runs) == expected == 348_148_500
+    n_collage, trained = 3 * 3, 66 - 12
+    expected = 3 * (3_150_000 + 3_500_000 + 19_250_000) + (trained - 9 - n_collage) * 4_753_000 \
+        + n_collage * 4_700_500
+    assert sum(r["images"] for r in runs) == expected == 291_112_500
 
 
 def test_study_images_follow_the_config_of_each_run():

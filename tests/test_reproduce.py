@@ -222,3 +222,94 @@ def test_help_lists_the_groups(capsys):
     for word in ("baselines", "icarl-variants", "losses", "classifiers", "collage", "deepinversion", "--seeds",
                  "--groups-file", "--set", "--overwrite"):
         assert word in text
+
+
+# -- several groups as one study -------------------------------------------------------------
+
+TWO_GROUPS = {
+    "first": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "finetune", "seeds": [0]}]},
+    "second": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "icarl", "tag": "lr", "seeds": [0],
+                                                            "overrides": ["train.lr=0.5"]}]},
+}
+
+
+def test_several_groups_train_a_shared_run_once_and_copy_it(tmp_path, npz, monkeypatch, capsys):
+    """icarl-s0 is in both groups with one config: it trains once (in the first group, the first
+    to have it) and the second group's folder is a byte-for-byte copy; each group gets its report;
+    the same command again skips all four."""
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_text(yaml.safe_dump(TWO_GROUPS))
+    out = tmp_path / "study"
+    trained = []
+    real_run = experiment.run
+
+    def spy(cfg, folder, **kw):
+        trained.append(f"{folder.parent.name}/{folder.name}")
+        return real_run(cfg, folder, **kw)
+
+    monkeypatch.setattr(experiment, "run", spy)
+    argv = ["reproduce", "all", "--out", str(out), "--groups-file", str(gfile), "--quiet", "--no-tsne",
+            *npz_overrides(npz, tasks=2)]
+    assert cli.main(argv) == 0
+    assert sorted(trained) == ["first/finetune-s0", "first/icarl-s0", "second/icarl-lr-s0"]
+    io = capsys.readouterr()
+    assert "second/icarl-s0: copied from first/icarl-s0" in io.out
+    assert "1 copied from an identical run of another group" in io.out and "3 done, 1 copied" in io.out
+    a, b = out / "first" / "icarl-s0", out / "second" / "icarl-s0"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert {"metrics.json", "config.yaml", "confusion.npz"} <= {str(f) for f in files}
+    assert "checkpoints/task_02.pt" in {str(f) for f in files} and runfolder.LOCK not in {f.name for f in files}
+    assert sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) == files
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    for g, variants in (("first", {"icarl", "finetune"}), ("second", {"icarl", "icarl-lr"})):
+        rows = list(csv.DictReader((out / g / "report" / "summary.csv").open()))
+        assert {r["variant"] for r in rows} == variants, g
+
+    monkeypatch.setattr(experiment, "run", no_training)
+    assert cli.main(argv) == 0
+    assert "4 skipped" in capsys.readouterr().out
+
+
+def test_a_copy_waits_for_its_run_and_fails_with_it(tmp_path, npz, monkeypatch):
+    monkeypatch.setattr(experiment, "run", fake_run({"icarl-s0"}))
+    res, reports = reproduce("first,second", tmp_path, npz_overrides(npz), groups=TWO_GROUPS, progress=False,
+                             report=False)
+    status = {r.spec.label: (r.status, r.error) for r in res}
+    assert status["first/icarl-s0"][0] == "failed"
+    assert status["second/icarl-s0"] == ("failed", "not copied: first/icarl-s0 failed")
+    assert status["first/finetune-s0"][0] == status["second/icarl-lr-s0"][0] == "done"
+    assert not (tmp_path / "second" / "icarl-s0").exists()
+
+
+def test_a_group_alone_trains_its_own_copy_and_a_complete_folder_is_not_copied_over(tmp_path, npz, monkeypatch):
+    from cilab.reproduce import plan_study
+
+    monkeypatch.setattr(experiment, "run", fake_run(set()))
+    ov = npz_overrides(npz)
+    assert [s.action for s in plan_study(["second"], tmp_path, ov, groups=TWO_GROUPS)] == ["new", "new"]
+    reproduce("second", tmp_path, ov, groups=TWO_GROUPS, progress=False, report=False)
+    # the second group's icarl-s0 is complete already: skipped, not replaced by the first group's
+    specs = plan_study(["first", "second"], tmp_path, ov, groups=TWO_GROUPS)
+    assert [(s.label, s.action) for s in specs] == [
+        ("first/icarl-s0", "new"), ("first/finetune-s0", "new"), ("second/icarl-s0", "skip"),
+        ("second/icarl-lr-s0", "skip")]
+
+
+def test_runs_at_once_start_the_longest_first():
+    from cilab.reproduce import longest_first, plan_study
+
+    groups = {"g": {"runs": [{"preset": "finetune", "seeds": [0]}, {"preset": "icarl", "seeds": [0]},
+                             {"preset": "joint", "seeds": [0]}, {"preset": "lwf", "seeds": [0]}]}}
+    specs = plan_study(["g"], "/nonexistent", [], groups=groups, check_data=False)
+    # CIFAR-100 images (README, "The projected study"): joint 19.25M, iCaRL 4.75M, LwF 3.5M, fine-tuning 3.15M
+    assert [s.name for s in longest_first(specs)] == ["joint-s0", "icarl-s0", "lwf-s0", "finetune-s0"]
+
+
+def test_group_names_all_several_and_unknown():
+    from cilab.reproduce import group_names
+
+    assert group_names("all", TWO_GROUPS) == ["first", "second"]
+    assert group_names("second, first,second", TWO_GROUPS) == ["second", "first"]
+    with pytest.raises(ConfigError, match="unknown group 'third'; groups: first, second, or all"):
+        group_names("first,third", TWO_GROUPS)

@@ -356,53 +356,23 @@ def _cmd(fn):
 
 def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2), overrides: list[str] = (),
                  classes: int = 100, per_class: int = 500) -> list[dict]:
-    """Every run of every `cilab reproduce` group, planned as reproduce plans it (``seeds``
-    replacing each run's own, like ``--seeds``; None keeps the group's), with the images
-    it trains on: [{group, name, method, images}].
-
-    With T tasks of c = classes / T classes, per_class training images a class,
-    E = train.epochs and K = memory.size, task t (0-based) trains on
-      the task's c * per_class images (joint: all (t + 1) * c * per_class seen so far),
-      plus the exemplars: t * c classes with min(K // (t * c), cap) each
-      (cap = per_class, or per_class // 4 for the collage kinds, 4 images a collage),
-    for E epochs; a run's images are the sum over its tasks. Only training images:
-    herding, DeepInversion's synthesis and evaluation are not counted.
+    """Every run of every `cilab reproduce` group, planned as ``cilab reproduce all`` plans them
+    (``seeds`` replacing each run's own, like ``--seeds``; None keeps the group's), with the images
+    it trains on (workload.run_images): [{group, name, method, images, copy_of}]. ``copy_of``
+    names the identical run of an earlier group that trains instead (then ``images`` is 0).
     """
     import tempfile
 
-    from .memory.collage import COLLAGES, IMAGES_PER_COLLAGE
-    from .methods import METHODS
-    from .reproduce import load_groups, plan
+    from .reproduce import load_groups, plan_study
+    from .workload import run_images
 
     groups = load_groups() if groups is None else groups
-    out = []
     with tempfile.TemporaryDirectory() as tmp:  # plan looks for run folders there: none, all runs are new
-        for group in groups:
-            for spec in plan(group, tmp, list(overrides), groups=groups,
-                             seeds=list(seeds) if seeds is not None else None, check_data=False):
-                out.append({"group": group, "name": spec.name, "method": spec.cfg.method,
-                            "images": run_images(spec.cfg, classes, per_class, METHODS, COLLAGES, IMAGES_PER_COLLAGE)})
-    return out
-
-
-def run_images(cfg, classes: int, per_class: int, methods, collages, per_collage: int) -> int:
-    """Training images of one run of ``cfg`` (formula in study_images); tasks of any size (B50)."""
-    from .config import task_train_config
-    from .data import Scenario
-
-    sc = Scenario(list(range(classes)), cfg.scenario.num_tasks, [str(c) for c in range(classes)],
-                  cfg.scenario.first_task_classes)
-    method = methods[cfg.method]
-    cap = per_class // per_collage if cfg.memory.kind in collages else per_class
-    total = 0
-    for t in range(sc.num_tasks):
-        n_old, n_seen = sc.old(t), sc.seen(t)
-        task = (n_seen if method.trains_on == "seen" else n_seen - n_old) * per_class
-        memory = n_old * min(cfg.memory.size // n_old, cap) if (method.uses_memory and n_old > 0) else 0
-        train_cfg = task_train_config(cfg.train, t)
-        held_out = max(1, round(train_cfg.val_split * (task + memory))) if train_cfg.val_split > 0 else 0
-        total += train_cfg.epochs * (task + memory - held_out)
-    return total
+        specs = plan_study(list(groups), tmp, list(overrides), groups=groups,
+                           seeds=list(seeds) if seeds is not None else None, check_data=False)
+    return [{"group": s.group, "name": s.name, "method": s.cfg.method,
+             "images": 0 if s.source else run_images(s.cfg, classes, per_class),
+             "copy_of": s.source.label if s.source else None} for s in specs]
 
 
 def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, warmup_epochs: int, threads: int,
@@ -513,7 +483,8 @@ def concurrency(args) -> dict:
     total = sum(r["images"] for r in study)
     longest = max(study, key=lambda r: r["images"])
     study_out = {"seeds": seeds, "classes": args.classes, "train_images_per_class": args.per_class,
-                 "runs": len(study), "train_images": total,
+                 "runs": len(study), "runs_trained": sum(r["copy_of"] is None for r in study),
+                 "train_images": total,
                  "groups": {g: {"runs": sum(r["group"] == g for r in study),
                                 "train_images": sum(r["images"] for r in study if r["group"] == g)}
                             for g in dict.fromkeys(r["group"] for r in study)},

@@ -1,7 +1,9 @@
-"""``cilab reproduce GROUP --out DIR [key=value ...]``: the study's experiments, one group at a time.
+"""``cilab reproduce GROUP --out DIR [key=value ...]``: the study's experiments, a group at a time or all at once.
 
 A group (presets/groups.yaml) lists runs: a preset, its seeds, optional
 overrides of its own and a tag. Each run goes to ``DIR/GROUP/<preset>[-<tag>]-s<seed>``.
+Several groups (``all``, or names joined by commas) are planned and run as one pool
+(:func:`plan_study`): a run that groups share trains once and is copied to the others.
 
 The order of work:
 
@@ -115,18 +117,23 @@ class RunSpec:
     overrides: list[str]  # everything applied on top of the preset, seed=... last; stored in metrics.json
     cfg: Config
     folder: Path
-    action: str = "new"  # new | resume | skip | overwrite
+    action: str = "new"  # new | resume | skip | overwrite | copy
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (override, why) left out of this run
+    source: RunSpec | None = None  # action "copy": the identical run of another group, trained instead
 
     @property
     def notes(self) -> list[str]:
         return [f"{o} not applied to {self.name}: {why}" for o, why in self.dropped]
 
+    @property
+    def label(self) -> str:
+        return f"{self.group}/{self.name}"
+
 
 @dataclass
 class RunResult:
     spec: RunSpec
-    status: str  # skipped | done | resumed | failed
+    status: str  # skipped | done | resumed | copied | failed
     seconds: float = 0.0
     error: str | None = None
     metrics: dict | None = None
@@ -259,6 +266,55 @@ def check_datasets(specs: list[RunSpec]) -> None:
             raise ConfigError(f"{s.name}: {e}") from None
 
 
+def group_names(text: str, groups: dict) -> list[str]:
+    """``all``, one group, or several joined by commas: the group names, in the order given."""
+    names = list(groups) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in groups]
+    if unknown or not names:
+        raise ConfigError(f"unknown group '{', '.join(unknown) or text}'; groups: {', '.join(groups)}, or all")
+    return list(dict.fromkeys(names))
+
+
+def _identity(spec: RunSpec) -> tuple:
+    """Two runs with the same identity compute the same numbers and write the same run folder."""
+    import json
+
+    return spec.preset, tuple(spec.overrides), json.dumps(spec.cfg.to_dict(), sort_keys=True, default=str)
+
+
+def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
+               seeds: list[int] | None = None, overwrite: bool = False, check_data: bool = True) -> list[RunSpec]:
+    """Several groups planned as one (:func:`plan` for each). A run that an earlier group of the
+    plan already has (same preset, overrides and config: the study's iCaRL runs are in five groups)
+    is trained once: the later one's action becomes "copy", its folder a copy of the first's."""
+    groups = load_groups() if groups is None else groups
+    specs = [s for name in names
+             for s in plan(name, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite, check_data=False)]
+    first: dict[tuple, RunSpec] = {}
+    for i, spec in enumerate(specs):
+        twin = first.setdefault(_identity(spec), spec)
+        if twin is not spec and spec.action in ("new", "overwrite"):  # a complete or half-done folder keeps its own
+            specs[i] = replace(spec, action="copy", source=twin)
+    if check_data:
+        check_datasets([s for s in specs if s.action != "copy"])
+    return specs
+
+
+def longest_first(specs: list[RunSpec]) -> list[RunSpec]:
+    """``specs`` by the training images each run has (workload.run_images, on CIFAR-100's 100
+    classes of 500 images whatever the data: it orders, it does not predict), the most first:
+    a pool of N workers then ends with short runs, not with joint training alone."""
+    from .workload import run_images
+
+    def images(spec: RunSpec) -> int:
+        try:
+            return run_images(spec.cfg)
+        except (ValueError, KeyError):  # a scenario 100 classes cannot make: keep its place
+            return 0
+
+    return sorted(specs, key=images, reverse=True)
+
+
 # -- running -------------------------------------------------------------------------------
 
 
@@ -281,6 +337,13 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
     if spec.action == "skip":
         return RunResult(spec, "skipped", metrics=results.read_metrics(spec.folder))
     start = time.perf_counter()
+    if spec.action == "copy":  # its twin has run (run_all calls this after the twin's result)
+        try:
+            runfolder.copy_run(spec.source.folder, spec.folder)
+            return RunResult(spec, "copied", time.perf_counter() - start, metrics=results.read_metrics(spec.folder))
+        except (OSError, ValueError, results.RunFolderError) as e:
+            return RunResult(spec, "failed", time.perf_counter() - start,
+                             f"could not copy {spec.source.folder}: {type(e).__name__}: {e}")
     try:
         metrics = experiment.run(  # looked up at call time: tests may replace it
             spec.cfg, spec.folder, resume=spec.action == "resume", overwrite=spec.action == "overwrite",
@@ -294,15 +357,17 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
                      metrics=metrics)
 
 
-def _result_line(res: RunResult, i: int, n: int) -> str:
+def _result_line(res: RunResult, i: int, n: int, name: Callable[[RunSpec], str]) -> str:
     s = res.spec
-    head = f"[{i}/{n}] {s.name}: "
+    head = f"[{i}/{n}] {name(s)}: "
     if res.failed:
         return head + f"FAILED after {res.seconds:.0f}s: {res.error}"
     m = res.metrics or {}
     accs = "  ".join(f"{c} avg {m[c]['average_incremental_accuracy']:.1f}% final {m[c]['final_accuracy']:.1f}%"
                      for c in m.get("classifiers", []) if c in m)
-    what = "already complete, skipped" if res.status == "skipped" else f"{res.status} in {res.seconds:.0f}s"
+    what = {"skipped": "already complete, skipped",
+            "copied": f"copied from {s.source.label if s.source else '?'}"}.get(res.status,
+                                                                            f"{res.status} in {res.seconds:.0f}s")
     return head + f"{what}  {accs}"
 
 
@@ -582,33 +647,44 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
     executor = executor or LocalExecutor()
     log = log or (lambda msg: tqdm.write(msg))
     work = functools.partial(run_one, progress=progress and executor.in_process, position=1)
-    done: dict[str, RunResult] = {}
+    groups = list(dict.fromkeys(s.group for s in specs))
+    name = (lambda s: s.name) if len(groups) == 1 else (lambda s: s.label)  # run names repeat across groups
+    done: dict[Path, RunResult] = {}  # by folder
     running: list[str] = []
-    with tqdm(total=len(specs), desc=specs[0].group if specs else "runs", unit="run", position=0,
+    copies: dict[Path, list[RunSpec]] = {}  # a run's folder -> the runs of other groups that copy it
+    for s in specs:
+        if s.action == "copy":
+            copies.setdefault(s.source.folder, []).append(s)
+    with tqdm(total=len(specs), desc=groups[0] if len(groups) == 1 else "study", unit="run", position=0,
               disable=not progress, dynamic_ncols=True) as bar:
         def finished(res: RunResult) -> None:
-            done[res.spec.name] = res
+            done[res.spec.folder] = res
             bar.update(1)
-            log(_result_line(res, len(done), len(specs)))
+            log(_result_line(res, len(done), len(specs), name))
+            for twin in copies.pop(res.spec.folder, []):  # here, in this process: a copy is file work
+                finished(RunResult(twin, "failed", error=f"not copied: {res.spec.label} failed") if res.failed
+                         else run_one(twin))
 
         for spec in specs:  # complete runs are read here: no worker, no cluster needed for them
             if spec.action == "skip":
                 finished(run_one(spec))
-        todo = [s for s in specs if s.action != "skip"]
+        todo = [s for s in specs if s.action not in ("skip", "copy")]
+        if todo and not executor.in_process:
+            todo = longest_first(todo)  # runs at once: the long ones must not be left for last
         if todo:
             with contextlib.closing(executor(todo, work)) as events:
                 for kind, item in events:
                     if kind == "start":
-                        running.append(item.name)
+                        running.append(name(item))
                     else:
-                        running.remove(item.spec.name)
+                        running.remove(name(item.spec))
                         finished(item)
                     failed = sum(r.failed for r in done.values())
                     bar.set_postfix_str("; ".join(
                         ([f"{executor.active} {len(running)}: {', '.join(running)}"] if running else [])
                         + ([f"failed {failed}"] if failed else [])))
     # the plan's own spec objects: a worker sends back a copy
-    return [replace(done[s.name], spec=s) for s in specs]
+    return [replace(done[s.folder], spec=s) for s in specs]
 
 
 def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print):
@@ -626,31 +702,45 @@ def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log
                        labels={s.name: s.variant for s in specs})
 
 
-def reproduce(group: str, out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
-              seeds: list[int] | None = None, overwrite: bool = False, progress: bool = True, report: bool = True,
-              draw_tsne: bool = True, log: Callable[[str], None] = print, executor: str = "local",
-              **executor_options) -> tuple[list[RunResult], object]:
-    """Plan, run and report one group; returns the run results and the report (or None).
+def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | None = None, *,
+              groups: dict | None = None, seeds: list[int] | None = None, overwrite: bool = False,
+              progress: bool = True, report: bool = True, draw_tsne: bool = True, log: Callable[[str], None] = print,
+              executor: str = "local", **executor_options) -> tuple[list[RunResult], object]:
+    """Plan, run and report one group, several (a list, or names joined by commas) or ``"all"``;
+    returns the run results and the report (several groups: a dict group -> report; None where
+    none was written).
 
+    Several groups are one plan and one pool of runs (:func:`plan_study`): a run two groups share
+    trains once, and with runs at once the longest start first. Each group gets its own report.
     ``executor`` and its options (``jobs``, ``threads``; for Ray ``address``,
     ``gpus_per_run``, ``cpus_per_run``) choose where the runs happen.
     """
+    groups = load_groups() if groups is None else groups
+    names = group_names(group, groups) if isinstance(group, str) else list(group)
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
-    specs = plan(group, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
-    todo = [s for s in specs if s.action != "skip"]
+    specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
+    todo = [s for s in specs if s.action not in ("skip", "copy")]
     advice = getattr(runner, "notes", None)  # optional in the executor contract
     for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
         log(f"note: {line}")
-    log(f"group {group}: {len(specs)} runs into {Path(out) / group} ({len(specs) - len(todo)} already complete)")
+    for name in names:
+        mine = [s for s in specs if s.group == name]
+        copied = sum(s.action == "copy" for s in mine)
+        log(f"group {name}: {len(mine)} runs into {Path(out) / name} ({sum(s.action == 'skip' for s in mine)} "
+            f"already complete" + (f", {copied} copied from an identical run of another group)" if copied else ")"))
     res = run_all(specs, executor=runner, progress=progress)
-    rep = None
-    if report:
+    reports = {}
+    for name in names if report else []:
+        where = Path(out) / name
         try:
-            rep = report_group(specs, Path(out) / group / "report", draw_tsne=draw_tsne, log=log)
+            reports[name] = report_group([s for s in specs if s.group == name], where / "report",
+                                         draw_tsne=draw_tsne, log=log)
         except Exception as e:  # noqa: BLE001 - the runs are done and saved; say why the report is missing
-            log(f"could not write the report: {type(e).__name__}: {e}; run `cilab report {Path(out) / group} "
-                f"--out {Path(out) / group / 'report'}` to retry")
-    return res, rep
+            log(f"could not write the report of {name}: {type(e).__name__}: {e}; run `cilab report {where} "
+                f"--out {where / 'report'}` to retry")
+    if len(names) == 1:
+        return res, reports.get(names[0])
+    return res, reports or None
 
 
 # -- command line ------------------------------------------------------------------------
@@ -691,12 +781,16 @@ def add_parser(sub) -> None:
         "themselves: --out must be on a filesystem every node sees, at the same path.\n\n"
         "key=value overrides (positional or with --set) apply to every run, after the run's own; an override "
         "of memory.* is left out of runs whose method keeps no exemplars (finetune, joint, lwf) and one of "
-        "loss.distillation out of runs that do not distill (finetune, joint), with a note.",
+        "loss.distillation out of runs that do not distill (finetune, joint), with a note.\n\n"
+        "GROUP may be several groups joined by commas, or all: one plan and one pool of runs, a run that "
+        "several groups share (same preset, overrides and config) trained once and copied to the others, the "
+        "longest runs started first when runs go at once, and a report per group.",
         epilog=f"groups (from presets/{GROUPS_FILE}):\n{listing}\n\n"
         "example (minutes on a CPU):\n  cilab reproduce baselines --out runs/repro data.name=digits "
         "scenario.num_tasks=5 train.epochs=3 train.milestones=[2] train.batch_size=16 train.lr=0.2 memory.size=100",
     )
-    p.add_argument("group", nargs="?", help="group name (see below)")
+    p.add_argument("group", nargs="?", help="group name (see below), several joined by commas, or all: one plan "
+                   "and one pool of runs, a run two groups share trained once, a report per group")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     p.add_argument("--out", type=Path, help="root folder; runs go to OUT/GROUP/<run>, the report to OUT/GROUP/report")
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="key=value",
@@ -742,7 +836,8 @@ def cmd_reproduce(args) -> int:
         print(describe_groups(groups))
         return 0
     if not args.group:
-        raise ConfigError(f"name a group: {', '.join(groups)} (cilab reproduce --list describes them)")
+        raise ConfigError(f"name a group: {', '.join(groups)}, or all (cilab reproduce --list describes them)")
+    names = group_names(args.group, groups)
     if args.out is None:
         raise ConfigError("--out DIR is required: runs go to DIR/GROUP/<run>")
     overrides = list(args.set_overrides) + list(args.overrides)
@@ -750,14 +845,15 @@ def cmd_reproduce(args) -> int:
     name, options = _executor_args(args)
     if args.dry_run:
         make_executor(name, **options)  # its options are checked too
-        specs = plan(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite)
+        specs = plan_study(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite)
         for s in specs:
-            print(f"{s.action:9s} {s.folder}  {s.preset} {' '.join(s.overrides)}")
+            what = f"(from {s.source.folder})" if s.source else f"{s.preset} {' '.join(s.overrides)}"
+            print(f"{s.action:9s} {s.folder}  {what}")
             for n in s.notes:
                 print(f"          note: {n}")
         return 0
     try:
-        res, rep = reproduce(args.group, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
+        res, rep = reproduce(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
                              progress=not args.quiet, report=not args.no_report, draw_tsne=not args.no_tsne,
                              executor=name, **options)
     except KeyboardInterrupt:
@@ -773,13 +869,17 @@ def cmd_reproduce(args) -> int:
               + " ".join(map(shlex.quote, cmd)), file=sys.stderr)
         return EXIT_INTERRUPTED
     print()
-    if rep is not None:
-        from .report import print_summary
+    from .report import print_summary
 
-        print_summary(rep)
+    for name, one in (rep.items() if len(names) > 1 and rep else [(names[0], rep)]):
+        if one is not None:
+            if len(names) > 1:
+                print(f"== {name}")
+            print_summary(one)
     failed = [r for r in res if r.failed]
-    counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "skipped", "failed")}
+    counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "copied", "skipped", "failed")}
     print(f"{len(res)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     for r in failed:
-        print(f"FAILED {r.spec.name} ({r.spec.folder}): {r.error}", file=sys.stderr)
+        print(f"FAILED {r.spec.name if len(names) == 1 else r.spec.label} ({r.spec.folder}): {r.error}",
+              file=sys.stderr)
     return EXIT_FAILED if failed else 0

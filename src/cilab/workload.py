@@ -1,0 +1,39 @@
+"""How many training images a run trains on, from its config alone (nothing is run or loaded).
+
+With T tasks of c classes (B50: a first task of 50), ``per_class`` training images a class,
+E = train.epochs (train.first_task.* for task 1) and K = memory.size, task t (0-based) trains E
+epochs on
+
+    the task's c * per_class images (``trains_on = "seen"``, joint: all the classes seen so far),
+    plus the exemplars: the n_old old classes with min(K // n_old, cap) each
+    (cap = per_class, or per_class // 4 for the collage kinds, 4 images a collage),
+    less the held-out split (train.val_split) of the two,
+
+and a run's images are the sum over its tasks. Only training images: herding, DeepInversion's
+synthesis and evaluation are not counted. ``cilab bench concurrency`` prices the study with it
+and ``cilab reproduce`` starts the longest runs first by it.
+"""
+
+from __future__ import annotations
+
+from .config import task_train_config
+from .data import Scenario
+from .memory.collage import COLLAGES, IMAGES_PER_COLLAGE
+from .methods import METHODS
+
+
+def run_images(cfg, classes: int = 100, per_class: int = 500) -> int:
+    """Training images of one run of ``cfg`` on ``classes`` classes of ``per_class`` images (the formula above)."""
+    sc = Scenario(list(range(classes)), cfg.scenario.num_tasks, [str(c) for c in range(classes)],
+                  cfg.scenario.first_task_classes)
+    method = METHODS[cfg.method]
+    cap = per_class // IMAGES_PER_COLLAGE if cfg.memory.kind in COLLAGES else per_class
+    total = 0
+    for t in range(sc.num_tasks):
+        n_old, n_seen = sc.old(t), sc.seen(t)
+        task = (n_seen if method.trains_on == "seen" else n_seen - n_old) * per_class
+        memory = n_old * min(cfg.memory.size // n_old, cap) if (method.uses_memory and n_old > 0) else 0
+        train_cfg = task_train_config(cfg.train, t)
+        held_out = max(1, round(train_cfg.val_split * (task + memory))) if train_cfg.val_split > 0 else 0
+        total += train_cfg.epochs * (task + memory - held_out)
+    return total
