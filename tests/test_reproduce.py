@@ -70,6 +70,18 @@ def test_plan_validates_everything_before_any_run(tmp_path, npz, monkeypatch):
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
 
 
+def test_plan_checks_a_b50_split_against_the_data_before_any_run(tmp_path, npz, monkeypatch):
+    """The bundled strong-baselines group's lucir-b50 (first task of 50 classes) cannot split the
+    10 digits: the plan must say so before the first run, as experiment.run would at that run's start."""
+    monkeypatch.setattr(experiment, "run", no_training)
+    groups = {"b50": {"runs": [{"preset": "icarl", "seeds": [0]},
+                               {"preset": "lucir", "tag": "b50", "seeds": [0],
+                                "overrides": ["scenario.num_tasks=11", "scenario.first_task_classes=50"]}]}}
+    ov = npz_overrides(npz)  # scenario.num_tasks=5, after the run's own 11: 5 tasks divide 10 classes, a first of 50 cannot
+    with pytest.raises(ConfigError, match="lucir-b50-s0: scenario.first_task_classes=50 must be below the 10 classes"):
+        reproduce("b50", tmp_path, ov, groups=groups, progress=False)
+
+
 def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(tmp_path, npz):
     from cilab.reproduce import dropped_notes
 

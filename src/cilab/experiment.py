@@ -142,8 +142,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = _load_data(cfg.data)  # refuses missing / broken data before any work
     try:
-        scenario = Scenario.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names,
-                                      cfg.scenario.first_task_classes)
+        scenario = Scenario.for_run(cfg, data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Locked for the life of the run: a second run on `out` is refused at once.

@@ -437,8 +437,7 @@ class RunState:
         if key not in datasets:
             datasets[key] = load_dataset(self.cfg.data)
         data = datasets[key]
-        self.scenario = Scenario.from_seed(data.num_classes, self.cfg.scenario.num_tasks, self.cfg.seed,
-                                           data.class_names, self.cfg.scenario.first_task_classes)
+        self.scenario = Scenario.for_run(self.cfg, data)
         if run.metrics and run.metrics.get("class_order") not in (None, self.scenario.class_order):
             raise ReportError(f"{run.path}: the class order rebuilt from config.yaml differs from metrics.json's")
         mean, std = data.mean_std()  # the train split's statistics, as in training

@@ -261,7 +261,7 @@ def check_datasets(specs: list[RunSpec]) -> None:
             seen[key] = load_dataset(s.cfg.data)  # DatasetError: the CLI prints it, exit 2
         data = seen[key]
         try:
-            Scenario.from_seed(data.num_classes, s.cfg.scenario.num_tasks, s.cfg.seed, data.class_names)
+            Scenario.for_run(s.cfg, data)
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
 

@@ -54,6 +54,13 @@ class Scenario:
         order = torch.randperm(num_classes, generator=g).tolist()
         return cls(order, num_tasks, list(class_names), first_task_classes)
 
+    @classmethod
+    def for_run(cls, cfg, data) -> "Scenario":
+        """The split of ``data`` that a run of ``cfg`` trains on (its scenario section and seed): the one
+        place runs, reports and plans build it, so that each refuses (ValueError) what the others would."""
+        return cls.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names,
+                             cfg.scenario.first_task_classes)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_order)
