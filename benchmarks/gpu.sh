@@ -27,6 +27,11 @@
 #                       (space-separated NAME=key=value,key=value; default: one, no overrides)
 #   suite        420 s  the whole test suite as make test runs it: pytest-xdist, GPU_SH_WORKERS processes
 #                       (default auto: one per core), GPU_SH_DIST (default loadfile: a file per worker)
+#   study        240 s  the whole study end to end: cilab reproduce all, seed 0, GPU_SH_STUDY_JOBS runs at
+#                       once (default 8) under an MPS daemon where there is one, every run cut to 1 epoch a
+#                       task on random CIFAR-shaped data (GPU_SH_STUDY_PER_CLASS training images a class,
+#                       default 50; DeepInversion 20 iterations): every method's CUDA path, the copies of
+#                       shared runs and the reports; study.json has each run's status and times
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
 # JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
@@ -110,7 +115,9 @@ if [[ $SMOKE == 1 ]]; then
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
     BATCHED=(--models 1,2 --steps 1 train.batch_size=4 model.name=resnet20)
     SUITE=(tests/test_gpu_paths.py)
-    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400
+    STUDY=(model.name=resnet20 train.batch_size=32 memory.size=200 memory.deepinversion.iterations=2)
+    STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-2}
+    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
            "tests/test_reliability.py::test_sigkill_during_task_3_then_resume_equals_the_uninterrupted_run"
@@ -121,21 +128,52 @@ else
     PROT=(--tasks 10 --epochs "$PROTOCOL_EPOCHS" --quiet)
     BATCHED=()
     SUITE=(tests)
-    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420
+    STUDY=(memory.deepinversion.iterations=20)
+    STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-50}
+    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
 fi
 
-# mps: a control daemon of our own for the step (pipe and log folders under
-# /tmp), stopped after it: a daemon left running would change every later step.
-mps_concurrency() {  # PY OUT JOBS CONCURRENCY-ARGS...: runs in its own bash, under timeout
-    local py=$1 out=$2 jobs=$3 dir=/tmp/cilab-mps
-    shift 3
+# with_mps CMD...: CMD under a control daemon of our own (pipe and log folders under /tmp),
+# stopped after it: a daemon left running would change every later step. Runs in its own bash.
+with_mps() {
+    local dir=/tmp/cilab-mps
     mkdir -p "$dir/pipe" "$dir/log"
     export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
     nvidia-cuda-mps-control -d || return 3
-    "$py" -m cilab.cli bench concurrency --out "$out/concurrency_mps.json" --jobs "$jobs" "$@"
+    "$@"
     local rc=$?
     echo quit | nvidia-cuda-mps-control
     tail -5 "$dir/log/control.log" 2>/dev/null
+    return $rc
+}
+HAVE_MPS=$(command -v nvidia-cuda-mps-control > /dev/null && echo 1 || echo 0)
+
+# study_run PY OUT JOBS PER_CLASS OVERRIDES...: random CIFAR-shaped data, `cilab reproduce all` on it,
+# then OUT/study.json from the run folders. Runs in its own bash.
+study_run() {
+    local py=$1 out=$2 jobs=$3 per=$4 dir=/tmp/cilab-study
+    shift 4
+    rm -rf "$dir" && mkdir -p "$dir" || return 3
+    "$py" -c 'import sys, numpy as np; n = int(sys.argv[2]); r = np.random.default_rng(0)
+np.savez(sys.argv[1], x_train=r.integers(0, 256, (100 * n, 32, 32, 3), dtype=np.uint8),
+         y_train=np.arange(100 * n) % 100, x_test=r.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8),
+         y_test=np.arange(1000) % 100)' "$dir/data.npz" "$per" || return 3
+    local t0=$(date +%s)
+    "$py" -m cilab.cli reproduce all --out "$dir/runs" --seeds 0 --jobs "$jobs" --quiet --no-tsne \
+        data.name=npz "data.path=$dir/data.npz" "$@"
+    local rc=$?
+    "$py" -c 'import json, sys; from pathlib import Path
+runs, seen = [], {}
+for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
+    m, name = json.loads(f.read_text()), f"{f.parent.parent.name}/{f.parent.name}"
+    copy_of = seen.setdefault(f.read_bytes(), name)  # a copied run folder: byte-identical metrics, timings and all
+    runs.append({"run": name, "copy_of": None if copy_of == name else copy_of, "status": m.get("status"),
+                 "device": m.get("device"), "cuda_graphs": m.get("cuda_graphs"), "train_images": m.get("train_images"),
+                 **m.get("timing", {})})
+    runs[-1].pop("per_task", None)
+json.dump({"wall_s": int(sys.argv[3]), "rc": int(sys.argv[4]), "jobs": int(sys.argv[5]), "per_class": int(sys.argv[6]),
+           "overrides": sys.argv[7:], "runs": runs}, open(sys.argv[2], "w"), indent=1)' \
+        "$dir/runs" "$out/study.json" "$(($(date +%s) - t0))" "$rc" "$jobs" "$per" "$@"
     return $rc
 }
 
@@ -159,9 +197,9 @@ for s in $WANTED; do
                ${GPU_SH_PYTEST_ARGS:-} "${TESTS[@]}" ;;
     concurrency) step concurrency "$T_CONC" "$PY" -m cilab.cli bench concurrency --out "$OUT/concurrency.json" \
                      --jobs "$JOBS" "${CONC[@]}" ;;
-    mps) if command -v nvidia-cuda-mps-control > /dev/null; then
-             step mps "$T_CONC" bash -c "$(declare -f mps_concurrency); mps_concurrency \"\$@\"" mps \
-                 "$PY" "$OUT" "$MPS_JOBS" "${CONC[@]}"
+    mps) if ((HAVE_MPS)); then
+             step mps "$T_CONC" bash -c "$(declare -f with_mps); with_mps \"\$@\"" mps \
+                 "$PY" -m cilab.cli bench concurrency --out "$OUT/concurrency_mps.json" --jobs "$MPS_JOBS" "${CONC[@]}"
              # a daemon left by a step cut off at its timeout stops here
              echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1
          else
@@ -175,7 +213,10 @@ for s in $WANTED; do
     suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-auto}" \
                --dist "${GPU_SH_DIST:-loadfile}" \
                --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
-    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite)" >&2 ;;
+    study) step study "$T_STUDY" bash -c "$(declare -f with_mps study_run); $( ((HAVE_MPS)) && echo with_mps) \
+               study_run \"\$@\"" study "$PY" "$OUT" "${GPU_SH_STUDY_JOBS:-8}" "$STUDY_PER" "${STUDY[@]}"
+           echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1 ;;
+    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite study)" >&2 ;;
     esac
 done
 
@@ -214,6 +255,14 @@ if (out / "batched.json").exists():
     for r in b["results"]:
         print(f"batched N={r['models']}: {r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1")
     print(f"batched: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
+if (out / "study.json").exists():
+    st = json.load(open(out / "study.json"))
+    runs = [r for r in st["runs"] if not r["copy_of"]]
+    statuses = {s: sum(r["status"] == s for r in runs) for s in dict.fromkeys(r["status"] for r in runs)}
+    print(f"study (reproduce all, seed 0, 1 epoch a task, {st['per_class']} images a class, {st['jobs']} at once): "
+          f"rc {st['rc']}, {st['wall_s']} s wall, {len(st['runs'])} run folders, {len(runs)} trained {statuses}; "
+          f"train {sum(r.get('train_s', 0) for r in runs):.0f} s, memory {sum(r.get('memory_s', 0) for r in runs):.0f} s, "
+          f"eval {sum(r.get('eval_s', 0) for r in runs):.0f} s summed over runs")
 for f in sorted(out.glob("throughput*.json")):
     t = json.load(open(f))
     print(f"{f.stem}: a {t['a_bare_step_img_s']:.0f} b {t['b_cilab_trainer_img_s']:.0f} "

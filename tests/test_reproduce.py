@@ -325,3 +325,20 @@ def test_group_names_all_several_and_unknown():
     assert group_names("second, first,second", TWO_GROUPS) == ["second", "first"]
     with pytest.raises(ConfigError, match="unknown group 'third'; groups: first, second, or all"):
         group_names("first,third", TWO_GROUPS)
+
+
+def test_copy_run_replaces_the_run_in_its_target_and_keeps_the_users_files(tmp_path):
+    """The copy of a run into a folder that held another run (reproduce --overwrite): afterwards the
+    target holds exactly the source's run, none of the old run's checkpoints, the user's file, no lock."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for folder, tasks, tag in ((src, 1, b"new"), (dst, 2, b"old")):
+        folder.mkdir()
+        runfolder.write_marker(folder)
+        results.atomic_write_json(folder / results.METRICS, {"status": "complete", "tag": tag.decode()})
+        for t in range(tasks):
+            results.atomic_write_bytes(results.checkpoint_path(folder, t), tag + bytes([t]))
+    (dst / "notes.txt").write_text("mine")
+    runfolder.copy_run(src, dst)
+    files = lambda f: {str(p.relative_to(f)): p.read_bytes() for p in f.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(dst) == {**files(src), "notes.txt": b"mine"}
+    assert not (dst / "checkpoints" / "task_02.pt").exists() and not (dst / runfolder.LOCK).exists()

@@ -726,7 +726,8 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     for name in names:
         mine = [s for s in specs if s.group == name]
         copied = sum(s.action == "copy" for s in mine)
-        log(f"group {name}: {len(mine)} runs into {Path(out) / name} ({sum(s.action == 'skip' for s in mine)} "
+        log(f"group {name}: {len(mine)} run{'s' * (len(mine) != 1)} into {Path(out) / name} "
+            f"({sum(s.action == 'skip' for s in mine)} "
             f"already complete" + (f", {copied} copied from an identical run of another group)" if copied else ")"))
     res = run_all(specs, executor=runner, progress=progress)
     reports = {}

@@ -128,13 +128,15 @@ def clear(folder: Path) -> list[Path]:
 
 
 def copy_run(src: Path, dst: Path) -> None:
-    """Copy the run in ``src`` into ``dst`` (absent, or holding nothing but a lock): every file cilab
-    wrote there but the lock, each through a temporary file, metrics.json last, holding both
-    folders' locks. An interrupted copy leaves at most completed files and no metrics.json: a
-    folder of the same config that resumes from its last checkpoint."""
+    """Replace the run in ``dst`` (if any: what cilab wrote there goes, the user's files stay) by a
+    copy of the run in ``src``: every file cilab wrote there but the lock, each through a temporary
+    file, metrics.json last, holding both folders' locks. An interrupted copy leaves at most
+    completed files and no metrics.json: a folder of the same config that resumes from its last
+    checkpoint."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with RunLock(src), RunLock(dst):
+        clear(dst)
         files = [f for f in cilab_files(src) if f.name != LOCK and not _is_temp(f)]
         for f in sorted(files, key=lambda f: f.name == results.METRICS):  # metrics.json, which says "complete", last
             results.atomic_write_bytes(dst / f.relative_to(src), f.read_bytes())
