@@ -217,6 +217,75 @@ def test_derpp_stored_logits_follow_the_exemplars_and_reach_the_loss(monkeypatch
             assert any(torch.equal(row[1:], s) for s in stored_by_task[t][yi])
 
 
+def test_derpp_stores_training_mode_logits_and_leaves_batchnorm_as_trained():
+    """store_logits=train: with every new exemplar in one batch, the stored logits are the network's
+    training-mode output on all of them together (BatchNorm's batch statistics do not depend on the
+    order), computed here on a copy; the running statistics are those before; eval mode differs."""
+    import copy
+
+    from cilab.memory import ExemplarMemory
+
+    class BNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+            self.head = torch.nn.Linear(4 * 4 * 4, 6)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model = BNNet()
+    with torch.no_grad():
+        model.body[1].running_mean.fill_(3.0)  # running statistics far from any batch's, as after a short training
+    g = torch.Generator().manual_seed(1)
+    imgs = {4: torch.randint(0, 256, (3, 3, 6, 6), dtype=torch.uint8, generator=g),
+            5: torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=g)}
+    memory = ExemplarMemory(100)
+    memory.per_class = dict(imgs)
+    normalize = lambda x: (x.float() - 128) / 64  # noqa: E731
+    reference = copy.deepcopy(model).train()
+    expected = reference(normalize(torch.cat([imgs[4], imgs[5]]))).detach()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+
+    def ctx_for(m):
+        return TaskContext(t=2, n_old=4, n_seen=6, num_classes=6, model=m, memory=memory, criterion=None,
+                           device=torch.device("cpu"), generator=None,
+                           train_cfg=build_config("derpp", ["train.batch_size=32"]).train, data=None,
+                           features=lambda x: m.eval().body(normalize(x)), normalize=normalize, train=None,
+                           new_model=None, log=print)
+
+    method = DERpp(DERppArgs())
+    model.eval()
+    method.after_memory(ctx_for(model))
+    assert torch.allclose(method.logits[4], expected[:3], atol=1e-6)
+    assert torch.allclose(method.logits[5], expected[3:], atol=1e-6)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+    assert not model.training  # left as it was (ctx.features leaves it in eval mode too)
+    with torch.no_grad():
+        eval_logits = model.eval()(normalize(imgs[4]))
+    assert not torch.allclose(method.logits[4], eval_logits, atol=1e-3)  # the old behaviour stored these
+    old = DERpp(DERppArgs(store_logits="eval"))
+    old.after_memory(ctx_for(model))
+    assert torch.allclose(old.logits[4], eval_logits, atol=1e-6)
+
+
+def test_derpp_after_one_epoch_a_task_trains_on_with_training_mode_logits_and_diverges_with_eval_mode(tmp_path):
+    """Digits, 1 epoch a task: BatchNorm's running statistics lag, eval-mode logits of the exemplars
+    reach ~6e5 while the network's training logits stay below ~70, and the MSE to them blew up to
+    NaN in task 3 (seeds 0 and 1). The paper's training-mode logits keep the run finite."""
+    from cilab.trainer import NonFiniteLossError
+
+    short = ["data.name=digits", "scenario.num_tasks=5", "model.name=resnet20", "train.epochs=1",
+             "train.milestones=[]", "train.batch_size=64", "memory.size=40"]
+    m = experiment.run(build_config("derpp", short), tmp_path / "train", progress=False)
+    assert m["status"] == "complete" and len(m["fc"]["accuracy"]) == 5
+    with pytest.raises(NonFiniteLossError):
+        experiment.run(build_config("derpp", short + ["method_args.store_logits=eval"]), tmp_path / "eval",
+                       progress=False)
+
+
 # -- every method: B0 / B50 runs and exact resume ----------------------------------------------
 
 
