@@ -115,7 +115,8 @@ if [[ $SMOKE == 1 ]]; then
     PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
     BATCHED=(--models 1,2 --steps 1 train.batch_size=4 model.name=resnet20)
     SUITE=(tests/test_gpu_paths.py)
-    STUDY=(model.name=resnet20 train.batch_size=32 memory.size=200 memory.deepinversion.iterations=2)
+    STUDY=(train.epochs=1 train.milestones=[] model.name=resnet20 train.batch_size=32 memory.size=200
+           memory.deepinversion.iterations=2)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-2}
     T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900
 else
@@ -128,7 +129,7 @@ else
     PROT=(--tasks 10 --epochs "$PROTOCOL_EPOCHS" --quiet)
     BATCHED=()
     SUITE=(tests)
-    STUDY=(memory.deepinversion.iterations=20)
+    STUDY=(train.epochs=1 train.milestones=[] memory.deepinversion.iterations=20)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-50}
     T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
 fi

@@ -570,7 +570,8 @@ def batched(args) -> dict:
     best = max(results, key=lambda r: r["images_per_s"])
     total = sum(r["images"] for r in study_images(load_groups(args.groups_file), _parse_seeds(args.study_seeds),
                                                   classes=args.classes, per_class=args.per_class))
-    return {"benchmark": "batched", **_device_info(device), **setup.settings(), "batch_size_per_model": bs, "results": results,
+    return {"benchmark": "batched", **_device_info(device), **setup.settings(), "batch_size_per_model": bs,
+            "results": results,
             "study_train_images": total, "best_models": best["models"],
             # a ceiling: every image at the best fused rate, no data loading, herding or evaluation
             "projected_study_train_s_at_best": total / best["images_per_s"]}
