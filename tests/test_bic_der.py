@@ -270,6 +270,19 @@ def test_derpp_stores_training_mode_logits_and_leaves_batchnorm_as_trained():
     old.after_memory(ctx_for(model))
     assert torch.allclose(old.logits[4], eval_logits, atol=1e-6)
 
+    # batches of 4: the exemplars interleaved by their rank in their class, class 4's (a0 a1 a2)
+    # and class 5's (b0..b4) as a0 b0 a1 b1 | a2 b2 b3 b4, each batch on its own statistics
+    a, b = normalize(imgs[4]), normalize(imgs[5])
+    first = reference(torch.stack([a[0], b[0], a[1], b[1]])).detach()
+    second = reference(torch.stack([a[2], b[2], b[3], b[4]])).detach()
+    small = DERpp(DERppArgs())
+    ctx = ctx_for(model)
+    ctx.train_cfg = build_config("derpp", ["train.batch_size=4"]).train
+    small.after_memory(ctx)
+    assert torch.allclose(small.logits[4], torch.stack([first[0], first[2], second[0]]), atol=1e-6)
+    assert torch.allclose(small.logits[5], torch.stack([first[1], first[3], second[1], second[2], second[3]]),
+                          atol=1e-6)
+
 
 def test_derpp_after_one_epoch_a_task_trains_on_with_training_mode_logits_and_diverges_with_eval_mode(tmp_path):
     """Digits, 1 epoch a task: BatchNorm's running statistics lag, eval-mode logits of the exemplars

@@ -318,6 +318,30 @@ def test_runs_at_once_start_the_longest_first():
     assert [s.name for s in longest_first(specs)] == ["joint-s0", "icarl-s0", "lwf-s0", "finetune-s0"]
 
 
+def test_run_all_hands_runs_at_once_to_the_executor_longest_first_and_one_at_a_time_in_plan_order():
+    from cilab.reproduce import RunResult, plan_study, run_all
+
+    class Recording:  # an executor that runs nothing and remembers the order it was given
+        def __init__(self, in_process):
+            self.in_process, self.active, self.order = in_process, "running", []
+
+        def __call__(self, specs, work):
+            for spec in specs:
+                self.order.append(spec.name)
+                yield "start", spec
+                yield "end", RunResult(spec, "done")
+
+    groups = {"g": {"runs": [{"preset": "finetune", "seeds": [0]}, {"preset": "joint", "seeds": [0]},
+                             {"preset": "icarl", "seeds": [0]}]}}
+    specs = plan_study(["g"], "/nonexistent", [], groups=groups, check_data=False)
+    for in_process, expected in ((False, ["joint-s0", "icarl-s0", "finetune-s0"]),
+                                 (True, ["finetune-s0", "joint-s0", "icarl-s0"])):
+        executor = Recording(in_process)
+        res = run_all(specs, executor=executor, progress=False, log=lambda _: None)
+        assert executor.order == expected, in_process
+        assert [r.spec.name for r in res] == ["finetune-s0", "joint-s0", "icarl-s0"]  # results in plan order
+
+
 def test_group_names_all_several_and_unknown():
     from cilab.reproduce import group_names
 

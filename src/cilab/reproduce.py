@@ -277,9 +277,7 @@ def group_names(text: str, groups: dict) -> list[str]:
 
 def _identity(spec: RunSpec) -> tuple:
     """Two runs with the same identity compute the same numbers and write the same run folder."""
-    import json
-
-    return spec.preset, tuple(spec.overrides), json.dumps(spec.cfg.to_dict(), sort_keys=True, default=str)
+    return spec.preset, tuple(spec.overrides), repr(spec.cfg)
 
 
 def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
@@ -872,10 +870,11 @@ def cmd_reproduce(args) -> int:
     print()
     from .report import print_summary
 
-    for name, one in (rep.items() if len(names) > 1 and rep else [(names[0], rep)]):
+    reports = (rep or {}) if len(names) > 1 else {names[0]: rep}
+    for group, one in reports.items():
         if one is not None:
             if len(names) > 1:
-                print(f"== {name}")
+                print(f"== {group}")
             print_summary(one)
     failed = [r for r in res if r.failed]
     counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "copied", "skipped", "failed")}
