@@ -51,13 +51,6 @@ def test_method_args_are_checked_like_every_other_section():
         build_config("icarl", ["method_args.T=2"])
 
 
-def test_config_and_methods_do_not_import_each_other_at_import_time():
-    src = (ROOT / "src/cilab/methods/base.py").read_text()
-    assert "from ..config import" not in src.split("def parse_args")[0]
-    top = (ROOT / "src/cilab/config.py").read_text().split("def validate")[0]
-    assert "from .methods" not in top
-
-
 def test_no_method_name_is_spelled_out_in_the_protocol():
     src = (ROOT / "src/cilab/experiment.py").read_text()
     for name in ("finetune", "joint", "lwf", "icarl", "\"er\"", "wa", "ewc"):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,9 +21,16 @@ import yaml
 
 
 from .errors import ConfigError  # noqa: F401  (re-exported: cilab.config.ConfigError is public)
+from .classifiers import CLASSIFIERS, FC_SCOPES
+from .data.datasets import DATASETS
+from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
+from .memory import EXEMPLAR_BUILDERS, SELECTIONS
+from .methods import METHODS
+from .models import MODELS, check_image_size
+from .schema import from_dict
+from .tracking import check_installed
 
 
-INT_LIMIT = 2**63  # integers must fit in 64 bits (torch, numpy)
 SEED_LIMIT = 2**32  # scikit-learn's random_state (svm, mlp classifiers) takes seeds below 2**32
 
 
@@ -177,109 +182,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------
-# dict <-> dataclass with type checking
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += _all_keys(hints[f.name], name + ".")
-        else:
-            keys.append(name)
-    return keys
-
-
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys are listed in the README (Configuration).")
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the annotation ``hint``; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping (key: value), got {value!r}")
-        return dict(value)
-    if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # `eval.classifiers=nme` means [nme]
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            # Beyond 64 bits torch, numpy and scikit-learn fail deep inside a
-            # run with an overflow that names no key.
-            if not -INT_LIMIT <= value < INT_LIMIT:
-                raise ConfigError(f"'{key}' is {value}, too large; it must lie within +-2**63")
-            return value
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-9 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except OverflowError:  # an int too large for a float
-                value = math.inf
-            # NaN passes every comparison check (nan > 0 is False, nan < 0 too)
-            # and inf only fails once training has started.
-            if not math.isfinite(value):
-                raise ConfigError(f"'{key}' must be a finite number, got {value}")
-            return value
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-            return "on" if value else "off"
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
-    raise TypeError(f"unsupported annotation {hint} for {key}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in names:
-            full = prefix + key
-            while isinstance(value, dict) and value:  # name the whole dotted key
-                sub, value = next(iter(value.items()))
-                full += "." + sub
-            raise _unknown_key(full)
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{prefix}{name}' is a section; set its keys, e.g. {prefix}{name}.<key>=...")
-            kwargs[name] = from_dict(hint, value, prefix + name + ".")
-        else:
-            kwargs[name] = _coerce(prefix + name, value, hint)
-    return cls(**kwargs)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -446,8 +348,6 @@ def task_train_config(train_cfg: TrainConfig, t: int) -> TrainConfig:
     )
 def _check_image_data(cfg: Config) -> None:
     """The image-folder keys, and whether the backbone can take the image size."""
-    from .models import check_image_size
-
     d = cfg.data
     _choice("data.resize", d.resize, ["center-crop", "squash"])
     _choice("data.placement", d.placement, ["auto", "device", "host"])
@@ -463,20 +363,11 @@ def _check_image_data(cfg: Config) -> None:
     if cfg.memory.kind == "deepinversion" and d.image_size != 32:
         raise ConfigError(f"memory.kind=deepinversion synthesises 32x32 images, but data.image_size={d.image_size}; "
                           "use data.image_size=32 or another memory.kind")
-    from .tracking import check_installed  # lazily, like the registries in validate
 
     check_installed(cfg.log)
 
 
 def validate(cfg: Config) -> None:
-    # Imported here: the registries' modules import config (e.g. for from_dict), so
-    # config must not import them when it is itself imported.
-    from .classifiers import CLASSIFIERS, FC_SCOPES
-    from .data.datasets import DATASETS
-    from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
-    from .memory import EXEMPLAR_BUILDERS, SELECTIONS
-    from .methods import METHODS
-    from .models import MODELS
 
     _choice("method", cfg.method, METHODS)
     # Normalised to the method's full settings, so config.yaml shows every value used.
@@ -592,8 +483,6 @@ def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:
     Only what the caller asked for is refused; a preset's own ``loss`` section
     (inherited from the preset it extends) is left as it is, unused.
     """
-    from .methods import METHODS
-
     if asked and cfg.method in METHODS and METHODS[cfg.method].own_loss:  # a bad name: validate says so
         keys = ", ".join(f"loss.{k}" for k in asked) if isinstance(asked, dict) else "loss"
         raise ConfigError(f"method {cfg.method} has a loss of its own and does not read the loss section; "

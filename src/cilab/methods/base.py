@@ -35,6 +35,7 @@ import torch
 from ..errors import ConfigError
 from ..models import Outputs
 from ..registry import Registry
+from ..schema import from_dict
 
 if TYPE_CHECKING:  # only for annotations: experiment imports this module
     from ..losses import Criterion
@@ -154,8 +155,6 @@ class Method:
     @classmethod
     def parse_args(cls, data: dict) -> Any:
         """``method_args`` (a dict from YAML / overrides) -> an instance of ``cls.Args``, checked."""
-        from ..config import from_dict  # config imports the registry lazily, so this is no cycle at import time
-
         if not isinstance(data, dict):
             raise ConfigError(f"'method_args' must be a mapping of {cls.name}'s settings, got {data!r}")
         names = [f.name for f in dataclasses.fields(cls.Args)]
