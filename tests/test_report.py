@@ -163,6 +163,33 @@ def test_grouping_ignores_seed_and_override_spelling(tmp_path):
     assert "train.epochs=2" in md  # common overrides shown once
 
 
+def test_a_seed_counts_once_in_its_variant(tmp_path, capsys):
+    """After `cilab reproduce all`, iCaRL's runs are copied into five groups: a report over the
+    whole output must average seeds 0 and 1 once each, not the copies as extra seeds."""
+    accs = {0: [80.0, 60.0], 1: [70.0, 50.0]}
+    for group in ("baselines", "losses", "collage"):
+        for seed, acc in accs.items():
+            write_run(tmp_path / group / f"icarl-s{seed}", fake_metrics("icarl", seed, [], {"nme": acc}))
+    # a rerun of seed 1 elsewhere that came out differently: still seed 1, counted once (the first found)
+    write_run(tmp_path / "rerun" / "icarl-s1", fake_metrics("icarl", 1, [], {"nme": [72.0, 40.0]}))
+    out = tmp_path / "report"
+    assert cli.main(["report", str(tmp_path), "--out", str(out), "--no-tsne"]) == 0
+    row = read_summary(out / "summary.csv")[0]
+    assert row["n_seeds"] == "2"
+    assert float(row["avg_inc_acc_mean"]) == pytest.approx((70.0 + 60.0) / 2)  # (80+60)/2 and (70+50)/2
+    assert float(row["avg_inc_acc_std"]) == pytest.approx(np.std([70.0, 60.0], ddof=1))
+    md = (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    for repeat, kept in [("collage/icarl-s0", "baselines/icarl-s0"), ("losses/icarl-s1", "baselines/icarl-s1")]:
+        note = (f"{tmp_path / repeat} repeats {tmp_path / kept} (variant icarl, seed {repeat[-1]}) "
+                "with the same numbers: a seed counts once")
+        assert note in md and note in printed
+    note = (f"{tmp_path / 'rerun/icarl-s1'} repeats {tmp_path / 'baselines/icarl-s1'} (variant icarl, seed 1) "
+            "with other numbers (nme average incremental accuracy 56.00 there, 60.00 in the one counted): "
+            "a seed counts once")
+    assert note in md and note in printed
+
+
 def test_report_refuses_a_folder_without_runs_and_writing_into_a_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2

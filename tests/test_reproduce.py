@@ -82,6 +82,42 @@ def test_plan_checks_a_b50_split_against_the_data_before_any_run(tmp_path, npz, 
         reproduce("b50", tmp_path, ov, groups=groups, progress=False)
 
 
+def test_an_override_of_what_the_group_varies_is_refused_naming_it(tmp_path, npz, monkeypatch):
+    """collage's runs differ only in memory.kind: memory.kind=real for the whole group would train
+    one run four times and report it under four names. The plan says so, and names the override."""
+    monkeypatch.setattr(experiment, "run", no_training)
+    groups = {"kinds": {"runs": [{"preset": "icarl", "seeds": [0, 1]},
+                                 {"preset": "icarl", "tag": "collage", "seeds": [0, 1],
+                                  "overrides": ["memory.kind=collage-resized"]}]}}
+    ov = npz_overrides(npz)
+    assert len(plan("kinds", tmp_path, ov, groups=groups)) == 4  # the group as written is fine
+    with pytest.raises(ConfigError) as e:
+        plan("kinds", tmp_path, ov + ["memory.kind=real"], groups=groups)
+    assert str(e.value) == ("group 'kinds': icarl-s0 and icarl-collage-s0 are the same run once memory.kind=real "
+                            "applies (so are icarl-s1 and icarl-collage-s1): it sets what the group's runs differ "
+                            "in (memory.kind); drop it, or run one of them with cilab run")
+    # a group whose own runs are the same (a user's groups file) is refused too, naming the file's fix
+    twins = {"twins": {"runs": [{"preset": "icarl", "seeds": [0]},
+                                {"preset": "icarl", "tag": "again", "seeds": [0], "overrides": ["memory.size=2000"]}]}}
+    with pytest.raises(ConfigError, match=r"^group 'twins': icarl-s0 and icarl-again-s0 have the same config; "
+                                          r"give each run of the group settings of its own$"):
+        plan("twins", tmp_path, [o for o in ov if not o.startswith("memory.size")], groups=twins)
+    assert not (tmp_path / "kinds").exists() and not (tmp_path / "twins").exists()
+
+
+def test_runs_that_would_share_a_folder_are_refused(tmp_path, npz, capsys):
+    ov = npz_overrides(npz)
+    same_name = {"g": {"runs": [{"preset": "icarl", "seeds": [0]},
+                                {"preset": "icarl", "seeds": [0], "overrides": ["memory.size=30"]}]}}
+    with pytest.raises(ConfigError, match=r"group 'g': runs 1 and 2 are both named icarl .*give one a 'tag'"):
+        plan("g", tmp_path, ov, groups=same_name)
+    with pytest.raises(ConfigError, match=r"run 1 \(icarl\): 'seeds' lists 0 twice"):
+        plan("g", tmp_path, ov, groups={"g": {"runs": [{"preset": "icarl", "seeds": [0, 1, 0]}]}})
+    assert cli.main(["reproduce", "baselines", "--seeds", "0,1,1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "cilab: error: --seeds lists 1 twice; give each seed once (e.g. 0,1)\n"
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_loss_override_is_left_out_of_the_runs_of_methods_with_their_own_loss(tmp_path, npz):
     from cilab.reproduce import dropped_notes
 

@@ -4,7 +4,11 @@ Runs are grouped into *variants*: same preset and same overrides, ``seed=...``
 aside (overrides are compared by key and parsed value, so ``train.lr=0.10``
 and ``train.lr=0.1`` are one variant, whatever their order). Only complete
 runs enter the aggregates; failed and incomplete ones are listed in report.md
-as such.
+as such. A seed counts once in its variant: ``cilab reproduce all`` copies the
+runs that several groups share (iCaRL is in five), so a report over the whole
+study's folder finds each of those seeds five times; the first folder found
+(in path order) is counted, the others are listed in report.md's notes and
+runs table, with whether their numbers differ.
 
 Spread over seeds: the standard deviation sqrt(sum_i (x_i - mean)^2 / (n - ddof))
 over the n seeds. By default the *sample* standard deviation, ddof=1, the usual
@@ -219,6 +223,7 @@ class Variant:
     overrides: list[str]  # as written (seed left out), from the first run
     runs: list[Run] = field(default_factory=list)
     label: str = ""
+    repeats: list[tuple[Run, Run]] = field(default_factory=list)  # (left out, the run of its seed counted)
 
     @property
     def classifiers(self) -> list[str]:
@@ -243,6 +248,9 @@ def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> list[Va
 
     A variant's label is its preset and the overrides not common to all
     variants, or ``labels[name of its first run]`` where given (and unique).
+    A seed counts once in its variant: a later run of the same variant and
+    seed (a copy made by ``reproduce`` for another group, a rerun elsewhere) is
+    left out of the aggregates and listed in ``Variant.repeats``.
     """
     variants: dict[tuple, Variant] = {}
     for r in runs:
@@ -253,7 +261,12 @@ def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> list[Va
         key = (preset, _canonical(ov))
         if key not in variants:
             variants[key] = Variant(key, preset, ov)
-        variants[key].runs.append(r)
+        v = variants[key]
+        kept = next((k for k in v.runs if k.seed == r.seed), None)
+        if kept is None:
+            v.runs.append(r)
+        else:
+            v.repeats.append((r, kept))
     out = list(variants.values())
     common = set.intersection(*(set(v.key[1]) for v in out)) if out else set()
     for v in out:
@@ -264,6 +277,25 @@ def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> list[Va
         for v, label in zip(out, given):
             v.label = label
     return out
+
+
+def repeat_notes(variants: list[Variant]) -> list[str]:
+    """One line per run left out as a repeat of its variant's seed, saying whether its numbers differ."""
+    notes = []
+    for v in variants:
+        for r, kept in v.repeats:
+            differ = next((c for c in kept.metrics["classifiers"]
+                           if (r.metrics.get(c) or {}).get("accuracy") != kept.metrics[c]["accuracy"]), None)
+            if differ is None:
+                how = "with the same numbers"
+            else:
+                key = "average_incremental_accuracy"
+                there = (r.metrics.get(differ) or {}).get(key)
+                how = (f"with other numbers ({differ} average incremental accuracy "
+                       f"{_fmt(there, None) if _is_number(there) else 'missing'} there, "
+                       f"{_fmt(kept.metrics[differ][key], None)} in the one counted)")
+            notes.append(f"{r.path} repeats {kept.path} (variant {v.label}, seed {r.seed}) {how}: a seed counts once")
+    return notes
 
 
 def common_overrides(variants: list[Variant]) -> list[str]:
@@ -587,7 +619,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     done = [r for r in runs if r.complete]
     title = title or (variants[0].runs[0].metrics.get("dataset", "") if variants else "cilab report")
     figures: list[Path] = []
-    notes: list[str] = []
+    notes: list[str] = repeat_notes(variants)
     write_csv(out / "summary.csv", rows, SUMMARY_FIELDS)
     write_csv(out / "curves.csv", curve_rows(variants, ddof), CURVE_FIELDS)
 
@@ -699,11 +731,13 @@ def render_markdown(rep: Report, title: str) -> str:
         for name in sorted(figs, key=lambda n: (not n.startswith("accuracy"), not n.startswith("current"), n)):
             L += [f"![{name}]({name})", ""]
     L += ["## Runs", "", "| run | variant | seed | status | folder |", "|---|---|---|---|---|"]
-    label_of = {id(r): v.label for v in rep.variants for r in v.runs}
+    label_of = {id(r): v.label for v in rep.variants for r in v.runs + [x for x, _ in v.repeats]}
+    repeated = {id(r) for v in rep.variants for r, _ in v.repeats}
     for r in rep.runs:
+        status = (r.status + (", a repeat of its seed: not counted" if id(r) in repeated else "") if r.complete
+                  else f"**{r.status}**")
         L.append(f"| {r.name} | {label_of.get(id(r), (r.metrics or {}).get('preset') or '-')} | "
-                 f"{r.seed if r.seed is not None else '-'} | {r.status if r.complete else '**' + r.status + '**'} | "
-                 f"`{r.path}` |")
+                 f"{r.seed if r.seed is not None else '-'} | {status} | `{r.path}` |")
     L.append("")
     if rep.excluded:
         L += ["## Excluded runs", "", "Not in the aggregates above:", ""]
@@ -721,7 +755,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "report", help="tables and figures from run folders, aggregated over seeds",
         description="Aggregate run folders over seeds. Runs with the same preset and overrides (seed aside) form "
-        "one variant; its average incremental accuracy, final accuracy and forgetting are reported as mean ± "
+        "one variant, in which a seed counts once (a copy or rerun of a seed is listed, not counted); its average "
+        "incremental accuracy, final accuracy and forgetting are reported as mean ± "
         "std over seeds (sample std, ddof=1, unless --ddof 0). Failed and incomplete runs are listed and left out. Writes report.md, "
         "summary.csv, curves.csv, accuracy.png (accuracy vs classes seen), current_task_accuracy.png, "
         "confusion_<run>_<clf>.png (after the last task), tsne.png (features of classes of the first task, "

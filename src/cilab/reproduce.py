@@ -83,9 +83,34 @@ def check_group(name: str, group, where: str = "groups") -> None:
         seeds = r.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
             raise bad(f"run {i + 1} ({r['preset']}): 'seeds' must be a non-empty list of integers >= 0")
+        twice = _repeated(seeds)
+        if twice is not None:
+            raise bad(f"run {i + 1} ({r['preset']}): 'seeds' lists {twice} twice; give each seed once")
         ov = r.get("overrides", [])
         if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
             raise bad(f"run {i + 1} ({r['preset']}): 'overrides' must be a list of 'key=value' strings")
+    # Two runs of one name would write one folder (<name>-s<seed>).
+    names = [_variant(r) for r in group["runs"]]
+    twice = _repeated(names)
+    if twice is not None:
+        first = names.index(twice)
+        raise bad(f"runs {first + 1} and {names.index(twice, first + 1) + 1} are both named {twice} "
+                  "(their preset and tag): they would write one folder; give one a 'tag'")
+
+
+def _variant(run: dict) -> str:
+    """A group's run's name: its preset's, then its tag; its folders are <name>-s<seed>."""
+    return f"{Path(run['preset']).stem}{'-' + run['tag'] if run.get('tag') else ''}"
+
+
+def _repeated(items: list):
+    """The first item that ``items`` holds twice, or None."""
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
 
 
 def describe_groups(groups: dict[str, dict]) -> str:
@@ -205,10 +230,10 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
         )
 
     specs, errors, conflicts, hard = [], {}, [], []  # errors: message -> runs (one line per distinct error)
+    own_cfgs: dict[str, Config] = {}  # each run's config before the user's overrides
     root = Path(out) / group
     for r in g["runs"]:
-        preset, tag, own = r["preset"], r.get("tag"), list(r.get("overrides", []))
-        variant = f"{Path(preset).stem}{'-' + tag if tag else ''}"
+        preset, own, variant = r["preset"], list(r.get("overrides", [])), _variant(r)
         for seed in (seeds if seeds is not None else r.get("seeds", [0])):
             name = f"{variant}-s{seed}"
             try:
@@ -224,6 +249,7 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
                         applied.append(o)
                 ov = own + applied + [f"seed={seed}"]
                 cfg = build_config(preset, ov)
+                own_cfgs[name] = base
             except ConfigError as e:
                 errors.setdefault(str(e), []).append(name)
                 continue
@@ -239,6 +265,7 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
     if errors:
         lines = [f"{', '.join(names)}: {msg}" for msg, names in errors.items()]
         raise ConfigError(f"group '{group}': " + ("\n  " if len(lines) > 1 else "") + "\n  ".join(lines))
+    _refuse_identical_runs(group, specs, own_cfgs, user)
     if conflicts:
         fixable = len(hard) < len(conflicts)  # with --overwrite, only the hard ones are left
         how = "pass --overwrite to replace those with another config, or " if fixable else ""
@@ -246,6 +273,43 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
     if check_data:
         check_datasets(specs)
     return specs
+
+
+def _dotted(d: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
+    return out
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _refuse_identical_runs(group: str, specs: list[RunSpec], own_cfgs: dict[str, Config], user: list[str]) -> None:
+    """A group compares its runs: two that compute the same thing (an override of what they differ in,
+    e.g. memory.kind=real for the collage group) would train one run twice and report it under two
+    names. Refused, naming the override, before anything runs."""
+    same: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        same.setdefault(repr(spec.cfg), []).append(spec)
+    twins = [runs for runs in same.values() if len(runs) > 1]
+    if not twins:
+        return
+    first, *more = [_and([r.name for r in runs]) for runs in twins]
+    a, b = (_dotted(own_cfgs[r.name].to_dict()) for r in twins[0][:2])
+    varied = [k for k in a if a[k] != b.get(k)]  # what the group's own settings make them differ in
+    culprits = [o for o in user if any(k == _key(o) or k.startswith(_key(o) + ".") for k in varied)]
+    if not culprits:
+        raise ConfigError(f"group '{group}': {first} have the same config; give each run of the group settings "
+                          "of its own")
+    also = f" (so are {'; '.join(more)})" if more else ""
+    raise ConfigError(f"group '{group}': {first} are the same run once {' '.join(culprits)} "
+                      f"appl{'y' if len(culprits) > 1 else 'ies'}{also}: "
+                      f"{'they set' if len(culprits) > 1 else 'it sets'} what the group's runs differ in "
+                      f"({', '.join(varied)}); drop {'them' if len(culprits) > 1 else 'it'}, "
+                      "or run one of them with cilab run")
 
 
 def check_datasets(specs: list[RunSpec]) -> None:
@@ -754,6 +818,8 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         seeds = []
     if not seeds or any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
+    if _repeated(seeds) is not None:
+        raise ConfigError(f"--seeds lists {_repeated(seeds)} twice; give each seed once (e.g. 0,1)")
     return seeds
 
 
