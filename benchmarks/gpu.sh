@@ -28,7 +28,7 @@
 #   suite        420 s  the whole test suite as make test runs it: pytest-xdist, GPU_SH_WORKERS processes
 #                       (default auto: one per core), GPU_SH_DIST (default loadfile: a file per worker)
 #   study        240 s  the whole study end to end: cilab reproduce all, seed 0, GPU_SH_STUDY_JOBS runs at
-#                       once (default 8) under an MPS daemon where there is one, every run cut to 1 epoch a
+#                       once (default 8) under an MPS daemon where one starts (study.json's "mps" says), every run cut to 1 epoch a
 #                       task on random CIFAR-shaped data (GPU_SH_STUDY_PER_CLASS training images a class,
 #                       default 50; DeepInversion 20 iterations): every method's CUDA path, the copies of
 #                       shared runs and the reports; study.json has each run's status and times
@@ -136,11 +136,18 @@ fi
 
 # with_mps CMD...: CMD under a control daemon of our own (pipe and log folders under /tmp),
 # stopped after it: a daemon left running would change every later step. Runs in its own bash.
+# Where the daemon does not start: exit 3, or, with MPS_OPTIONAL=1, CMD without MPS.
 with_mps() {
     local dir=/tmp/cilab-mps
     mkdir -p "$dir/pipe" "$dir/log"
     export CUDA_MPS_PIPE_DIRECTORY=$dir/pipe CUDA_MPS_LOG_DIRECTORY=$dir/log
-    nvidia-cuda-mps-control -d || return 3
+    if ! nvidia-cuda-mps-control -d; then
+        [[ ${MPS_OPTIONAL:-0} == 1 ]] || return 3
+        echo "gpu.sh: the MPS control daemon did not start; running without MPS" >&2
+        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        "$@"
+        return
+    fi
     "$@"
     local rc=$?
     echo quit | nvidia-cuda-mps-control
@@ -164,6 +171,7 @@ np.savez(sys.argv[1], x_train=r.integers(0, 256, (100 * n, 32, 32, 3), dtype=np.
         data.name=npz "data.path=$dir/data.npz" "$@"
     local rc=$?
     "$py" -c 'import json, sys; from pathlib import Path
+from cilab.reproduce import mps_running
 runs, seen = [], {}
 for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
     m, name = json.loads(f.read_text()), f"{f.parent.parent.name}/{f.parent.name}"
@@ -173,6 +181,7 @@ for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
                  **m.get("timing", {})})
     runs[-1].pop("per_task", None)
 json.dump({"wall_s": int(sys.argv[3]), "rc": int(sys.argv[4]), "jobs": int(sys.argv[5]), "per_class": int(sys.argv[6]),
+           "mps": mps_running(),
            "overrides": sys.argv[7:], "runs": runs}, open(sys.argv[2], "w"), indent=1)' \
         "$dir/runs" "$out/study.json" "$(($(date +%s) - t0))" "$rc" "$jobs" "$per" "$@"
     return $rc
@@ -214,7 +223,7 @@ for s in $WANTED; do
     suite) step suite "$T_SUITE" "$PY" -m pytest -v --durations=30 -p no:cacheprovider -n "${GPU_SH_WORKERS:-auto}" \
                --dist "${GPU_SH_DIST:-loadfile}" \
                --junitxml="$OUT/logs/suite.xml" "${SUITE[@]}" ;;
-    study) step study "$T_STUDY" bash -c "$(declare -f with_mps study_run); $( ((HAVE_MPS)) && echo with_mps) \
+    study) MPS_OPTIONAL=1 step study "$T_STUDY" bash -c "$(declare -f with_mps study_run); $( ((HAVE_MPS)) && echo with_mps) \
                study_run \"\$@\"" study "$PY" "$OUT" "${GPU_SH_STUDY_JOBS:-8}" "$STUDY_PER" "${STUDY[@]}"
            echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1 ;;
     *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite study)" >&2 ;;
@@ -260,7 +269,8 @@ if (out / "study.json").exists():
     st = json.load(open(out / "study.json"))
     runs = [r for r in st["runs"] if not r["copy_of"]]
     statuses = {s: sum(r["status"] == s for r in runs) for s in dict.fromkeys(r["status"] for r in runs)}
-    print(f"study (reproduce all, seed 0, 1 epoch a task, {st['per_class']} images a class, {st['jobs']} at once): "
+    print(f"study (reproduce all, seed 0, 1 epoch a task, {st['per_class']} images a class, {st['jobs']} at once, "
+          f"MPS {'on' if st['mps'] else 'off'}): "
           f"rc {st['rc']}, {st['wall_s']} s wall, {len(st['runs'])} run folders, {len(runs)} trained {statuses}; "
           f"train {sum(r.get('train_s', 0) for r in runs):.0f} s, memory {sum(r.get('memory_s', 0) for r in runs):.0f} s, "
           f"eval {sum(r.get('eval_s', 0) for r in runs):.0f} s summed over runs")
