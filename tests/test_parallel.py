@@ -17,9 +17,11 @@ import pytest
 import torch
 import yaml
 
-from cilab import cli, reproduce as rp, results
+from cilab import cli, executors, reproduce as rp, results
 from cilab.config import ConfigError
-from cilab.reproduce import LocalExecutor, RunResult, RunSpec, make_executor, reproduce
+from cilab.executors import LocalExecutor, make_executor
+from cilab.reproduce import reproduce
+from cilab.runspec import RunResult, RunSpec
 
 from helpers import REPEATABLE, npz_overrides, tiny_npz
 
@@ -117,7 +119,7 @@ def probe(spec: RunSpec) -> RunResult:
 
 
 def test_workers_are_processes_with_their_gpu_and_threads_and_a_crash_costs_one_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0", "1"])  # two GPUs, three runs: 0, 1, 0
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1"])  # two GPUs, three runs: 0, 1, 0
     specs = [RunSpec("g", n, n, "icarl", 0, [], None, tmp_path / n) for n in ("a", "b", "crash")]
     events = list(LocalExecutor(jobs=3)(specs, probe))
     assert [k for k, _ in events[:3]] == ["start"] * 3
@@ -127,14 +129,14 @@ def test_workers_are_processes_with_their_gpu_and_threads_and_a_crash_costs_one_
     assert a["together"] and b["together"]
     assert len({a["pid"], b["pid"], os.getpid()}) == 3
     assert (a["gpu"], b["gpu"]) == ("0", "1")
-    assert a["threads"] == b["threads"] == max(1, rp._cpu_count() // 3)  # the cores shared, not oversubscribed
+    assert a["threads"] == b["threads"] == max(1, executors.cpu_count() // 3)  # the cores shared, not oversubscribed
 
 
 def test_several_runs_per_gpu_without_mps_get_a_note_before_they_start(tmp_path, overrides, monkeypatch):
     pipes = tmp_path / "mps"
     pipes.mkdir()
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
-    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["0"])
     monkeypatch.setattr(rp, "run_all", lambda specs, **kw: [])  # the note is said before any run starts
     lines = []
     reproduce("par", tmp_path / "out", overrides, groups=GROUPS, jobs=2, log=lines.append, report=False)
@@ -151,9 +153,9 @@ def test_several_runs_per_gpu_without_mps_get_a_note_before_they_start(tmp_path,
     assert LocalExecutor(jobs=2).notes(specs[:1]) == [] and LocalExecutor(jobs=1).notes(specs) == []
     on_cpu = rp.plan("par", tmp_path / "out", overrides + ["train.device=cpu"], groups=GROUPS)
     assert len(LocalExecutor(jobs=3).notes(specs)) == 1 and LocalExecutor(jobs=3).notes(on_cpu) == []
-    monkeypatch.setattr(rp, "_visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1"])
     assert LocalExecutor(jobs=2).notes(specs) == [] and len(LocalExecutor(jobs=3).notes(specs)) == 1
-    monkeypatch.setattr(rp, "_visible_gpus", lambda: [])
+    monkeypatch.setattr(executors, "visible_gpus", lambda: [])
     assert LocalExecutor(jobs=4).notes(specs) == []
 
 

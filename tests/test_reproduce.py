@@ -355,7 +355,8 @@ def test_runs_at_once_start_the_longest_first():
 
 
 def test_run_all_hands_runs_at_once_to_the_executor_longest_first_and_one_at_a_time_in_plan_order():
-    from cilab.reproduce import RunResult, plan_study, run_all
+    from cilab.reproduce import plan_study, run_all
+    from cilab.runspec import RunResult
 
     class Recording:  # an executor that runs nothing and remembers the order it was given
         def __init__(self, in_process):

@@ -391,7 +391,8 @@ def test_reproduce_jobs_workers_lock_their_run_folders(tmp_path):
     # Both run folders are locked after the plan looked at them: each worker
     # process checks its folder's lock itself and refuses, before loading data.
     from cilab import runfolder
-    from cilab.reproduce import LocalExecutor, plan, run_all
+    from cilab.executors import LocalExecutor
+    from cilab.reproduce import plan, run_all
 
     groups = {"g": {"runs": [{"preset": "icarl", "seeds": [0, 1]}]}}
     specs = plan("g", tmp_path, TINY, groups=groups, check_data=False)

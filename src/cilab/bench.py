@@ -412,10 +412,10 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
     """N short runs at once, each its own process on the same device; their numbers and the aggregate."""
     import multiprocessing
 
-    from .reproduce import _cpu_count
+    from .executors import cpu_count
 
     ctx = multiprocessing.get_context("spawn")  # like reproduce --jobs: fresh processes, no inherited CUDA state
-    threads = threads or max(1, _cpu_count() // n)  # reproduce --jobs N's default
+    threads = threads or max(1, cpu_count() // n)  # reproduce --jobs N's default
     barrier = ctx.Barrier(n)
     procs, pipes = [], []
     for i in range(n):
@@ -461,7 +461,8 @@ def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") 
 
 def concurrency(args) -> dict:
     """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
-    from .reproduce import _parse_seeds, load_groups, mps_running
+    from .executors import mps_running
+    from .reproduce import _parse_seeds, load_groups
 
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
     jobs = _parse_jobs(args.jobs, setup.device)

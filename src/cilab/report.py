@@ -262,7 +262,7 @@ def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> list[Va
         if key not in variants:
             variants[key] = Variant(key, preset, ov)
         v = variants[key]
-        kept = next((k for k in v.runs if k.seed == r.seed), None)
+        kept = next((k for k in v.runs if k.seed == r.seed), None) if r.seed is not None else None
         if kept is None:
             v.runs.append(r)
         else:
