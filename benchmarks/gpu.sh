@@ -171,7 +171,7 @@ np.savez(sys.argv[1], x_train=r.integers(0, 256, (100 * n, 32, 32, 3), dtype=np.
         data.name=npz "data.path=$dir/data.npz" "$@"
     local rc=$?
     "$py" -c 'import json, sys; from pathlib import Path
-from cilab.reproduce import mps_running
+from cilab.executors import mps_running
 runs, seen = [], {}
 for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
     m, name = json.loads(f.read_text()), f"{f.parent.parent.name}/{f.parent.name}"
