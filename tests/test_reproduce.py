@@ -6,6 +6,7 @@ mapping or a --groups-file; the bundled groups.yaml is only checked for shape.
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -111,6 +112,10 @@ def test_runs_that_would_share_a_folder_are_refused(tmp_path, npz, capsys):
                                 {"preset": "icarl", "seeds": [0], "overrides": ["memory.size=30"]}]}}
     with pytest.raises(ConfigError, match=r"group 'g': runs 1 and 2 are both named icarl .*give one a 'tag'"):
         plan("g", tmp_path, ov, groups=same_name)
+    for tag in (5, "../../elsewhere", ""):  # a tag is part of a folder's name: it must not lead out of --out
+        with pytest.raises(ConfigError, match=rf"run 2 \(icarl\): 'tag' names the run's folders: letters, digits, "
+                                              rf"'.', '_' and '-', got {re.escape(repr(tag))}$"):
+            plan("g", tmp_path, ov, groups={"g": {"runs": [{"preset": "icarl"}, {"preset": "icarl", "tag": tag}]}})
     with pytest.raises(ConfigError, match=r"run 1 \(icarl\): 'seeds' lists 0 twice"):
         plan("g", tmp_path, ov, groups={"g": {"runs": [{"preset": "icarl", "seeds": [0, 1, 0]}]}})
     assert cli.main(["reproduce", "baselines", "--seeds", "0,1,1", "--out", str(tmp_path)]) == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import shlex
 import sys
 import time
@@ -80,6 +81,9 @@ def check_group(name: str, group, where: str = "groups") -> None:
         unknown = set(r) - {"preset", "seeds", "overrides", "tag"}
         if unknown:
             raise bad(f"run {i + 1} has unknown keys {sorted(unknown)}; allowed: preset, seeds, overrides, tag")
+        if "tag" in r and not (isinstance(r["tag"], str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r["tag"])):
+            raise bad(f"run {i + 1} ({r['preset']}): 'tag' names the run's folders: letters, digits, '.', '_' "
+                      f"and '-', got {r['tag']!r}")
         seeds = r.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
             raise bad(f"run {i + 1} ({r['preset']}): 'seeds' must be a non-empty list of integers >= 0")
