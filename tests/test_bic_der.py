@@ -167,6 +167,19 @@ def test_der_grows_and_keeps_old_extractors_bit_for_bit(monkeypatch, tmp_path):
         assert {n.split(".")[1] for n in names if n.startswith("extractors.")} == {str(t)}
         assert {"head.weight", "head.bias"} <= names and (t == 0) == ("aux_head.weight" not in names)
 
+    # the report (t-SNE, exemplar grid) rebuilds the grown network from the checkpoint, as a resume does
+    from cilab.evaluation import extract_features
+    from cilab.report import RunState, load_run
+
+    st = RunState(load_run(out), "cpu", {})
+    model, memory = st.load(2)
+    assert len(model.extractors) == 2 and torch.equal(model.state_dict()["head.weight"], states[1]["head.weight"])
+    assert sorted(memory) == list(range(10))
+    x = st.x_train[:8]
+    grown = experiment.METHODS["der"]().build_model(build_config("der", B0).model, 10)
+    experiment.METHODS["der"]().load_model(grown, states[1])  # the resume's way, on its own
+    assert torch.equal(extract_features(model, x, st.normalizer, 8), extract_features(grown.eval(), x, st.normalizer, 8))
+
 
 # -- DER++ ----------------------------------------------------------------------------------------
 

@@ -488,11 +488,13 @@ class RunState:
         state = results.load_checkpoint(path)
         if state.get("class_order") not in (None, self.scenario.class_order):
             raise ReportError(f"{path}: its class order differs from the one rebuilt from config.yaml")
-        # the method builds the network: LUCIR's and PODNet's heads are not the linear one
-        method = METHODS[self.cfg.method]
-        model = method(method.parse_args(self.cfg.method_args)).build_model(
-            self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
-        model.load_state_dict(state["model"])
+        # The method builds the network and loads the weights, as a resume does: LUCIR's and
+        # PODNet's heads are not the linear one, and DER's network has grown an extractor a task.
+        cls = METHODS[self.cfg.method]
+        method = cls(cls.parse_args(self.cfg.method_args))
+        model = method.build_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
+        method.load_state_dict(state.get("method", {}))
+        method.load_model(model, state["model"])
         model.to(self.device).eval()
         per_class = {int(c): x for c, x in state["memory"]["per_class"].items()}
         return model, per_class
