@@ -176,7 +176,8 @@ runs, seen = [], {}
 for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
     m, name = json.loads(f.read_text()), f"{f.parent.parent.name}/{f.parent.name}"
     copy_of = seen.setdefault(f.read_bytes(), name)  # a copied run folder: byte-identical metrics, timings and all
-    runs.append({"run": name, "copy_of": None if copy_of == name else copy_of, "status": m.get("status"),
+    runs.append({"run": name, "copy_of": None if copy_of == name else copy_of,
+                 "evaluated_from": m.get("evaluated_from"), "status": m.get("status"),
                  "device": m.get("device"), "cuda_graphs": m.get("cuda_graphs"), "train_images": m.get("train_images"),
                  **m.get("timing", {})})
     runs[-1].pop("per_task", None)
@@ -267,11 +268,12 @@ if (out / "batched.json").exists():
     print(f"batched: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
 if (out / "study.json").exists():
     st = json.load(open(out / "study.json"))
-    runs = [r for r in st["runs"] if not r["copy_of"]]
+    runs = [r for r in st["runs"] if not r["copy_of"] and not r["evaluated_from"]]  # their timings are a trained run's
     statuses = {s: sum(r["status"] == s for r in runs) for s in dict.fromkeys(r["status"] for r in runs)}
     print(f"study (reproduce all, seed 0, 1 epoch a task, {st['per_class']} images a class, {st['jobs']} at once, "
           f"MPS {'on' if st['mps'] else 'off'}): "
-          f"rc {st['rc']}, {st['wall_s']} s wall, {len(st['runs'])} run folders, {len(runs)} trained {statuses}; "
+          f"rc {st['rc']}, {st['wall_s']} s wall, {len(st['runs'])} run folders, {len(runs)} trained {statuses}, "
+          f"{sum(bool(r['evaluated_from']) for r in st['runs'])} evaluated; "
           f"train {sum(r.get('train_s', 0) for r in runs):.0f} s, memory {sum(r.get('memory_s', 0) for r in runs):.0f} s, "
           f"eval {sum(r.get('eval_s', 0) for r in runs):.0f} s summed over runs")
 for f in sorted(out.glob("throughput*.json")):

@@ -271,13 +271,19 @@ def test_study_images_per_run_from_the_groups_and_the_scenario():
     assert copies == {(g, f"icarl-s{seed}"): f"baselines/icarl-s{seed}"
                       for g in ("icarl-variants", "losses", "collage", "deepinversion") for seed in (0, 1, 2)}
     assert by_name[("baselines", "icarl-s1")] == STUDY_RUN_IMAGES["icarl"] and by_name[("losses", "icarl-s1")] == 0
+    # hybrid1 and the classifier ablation train as plain iCaRL does: evaluated from its checkpoints
+    evaluated = {(r["group"], r["name"]): r["evaluated_from"] for r in runs if r["evaluated_from"]}
+    assert evaluated == {(g, f"icarl-{tag}-s{seed}"): f"baselines/icarl-s{seed}"
+                         for g, tag in (("icarl-variants", "hybrid1"), ("classifiers", "classifiers"))
+                         for seed in (0, 1, 2)}
+    assert by_name[("classifiers", "icarl-classifiers-s0")] == 0
     # the bundled groups: 22 runs (baselines 4, variants 4, losses 5, classifiers 1, collage 4,
-    # deepinversion 4) x 3 seeds, of which 18 trained; 3 collage runs' worth of exemplars short of all-iCaRL
+    # deepinversion 4) x 3 seeds, of which 48 trained; 3 collage runs' worth of exemplars short of all-iCaRL
     assert len(runs) == 66
-    n_collage, trained = 3 * 3, 66 - 12
+    n_collage, trained = 3 * 3, 66 - 12 - 6
     expected = 3 * (3_150_000 + 3_500_000 + 19_250_000) + (trained - 9 - n_collage) * 4_753_000 \
         + n_collage * 4_700_500
-    assert sum(r["images"] for r in runs) == expected == 291_112_500
+    assert sum(r["images"] for r in runs) == expected == 262_594_500
 
 
 def test_study_images_follow_the_config_of_each_run():

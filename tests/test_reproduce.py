@@ -349,6 +349,39 @@ def test_a_group_alone_trains_its_own_copy_and_a_complete_folder_is_not_copied_o
         ("second/icarl-lr-s0", "skip")]
 
 
+def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tmp_path, npz, monkeypatch, capsys):
+    """iCaRL's hybrid1 (the FC head alone) trains as iCaRL does: one training, and the hybrid's
+    folder holds iCaRL's fc numbers, evaluated from iCaRL's checkpoints; a kNN variant too, across groups."""
+    groups = {"variants": {"runs": [{"preset": "icarl", "seeds": [0]},
+                                    {"preset": "icarl", "tag": "hybrid1", "seeds": [0],
+                                     "overrides": ["eval.classifiers=[fc]"]}]},
+              "classifiers": {"runs": [{"preset": "icarl", "tag": "knn", "seeds": [0],
+                                        "overrides": ["eval.classifiers=[nme,knn]"]}]}}
+    trained = []
+    real_run = experiment.run
+    monkeypatch.setattr(experiment, "run", lambda cfg, folder, **kw: trained.append(folder.name)
+                        or real_run(cfg, folder, **kw))
+    res, _ = reproduce("all", tmp_path, npz_overrides(npz, tasks=2), groups=groups, progress=False, report=False)
+    assert trained == ["icarl-s0"]
+    assert [(r.spec.label, r.status) for r in res] == [
+        ("variants/icarl-s0", "done"), ("variants/icarl-hybrid1-s0", "evaluated"), ("classifiers/icarl-knn-s0", "evaluated")]
+    icarl, hybrid, knn = (results.read_metrics(r.spec.folder) for r in res)
+    assert hybrid["classifiers"] == ["fc"] and hybrid["fc"] == icarl["fc"]
+    assert knn["classifiers"] == ["nme", "knn"] and knn["nme"] == icarl["nme"]
+    assert hybrid["evaluated_from"] == str(tmp_path / "variants" / "icarl-s0")
+    assert hybrid["overrides"] == ["eval.classifiers=[fc]", *npz_overrides(npz, tasks=2), "seed=0"]
+    out = capsys.readouterr().out
+    assert "group variants: 2 runs" in out and "1 evaluated from the checkpoints of a run that trains alike" in out
+
+    # the trainer fails: its evaluations are reported failed, the others go on
+    monkeypatch.setattr(experiment, "run", fake_run({"icarl-s0"}))
+    res, _ = reproduce("all", tmp_path / "again", npz_overrides(npz, tasks=2), groups=groups, progress=False,
+                       report=False)
+    assert [(r.spec.label, r.status, r.error) for r in res][1:] == [
+        ("variants/icarl-hybrid1-s0", "failed", "not evaluated: variants/icarl-s0 failed"),
+        ("classifiers/icarl-knn-s0", "failed", "not evaluated: variants/icarl-s0 failed")]
+
+
 def test_runs_at_once_start_the_longest_first():
     from cilab.reproduce import longest_first, plan_study
 

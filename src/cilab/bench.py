@@ -358,8 +358,9 @@ def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2)
                  classes: int = 100, per_class: int = 500) -> list[dict]:
     """Every run of every `cilab reproduce` group, planned as ``cilab reproduce all`` plans them
     (``seeds`` replacing each run's own, like ``--seeds``; None keeps the group's), with the images
-    it trains on (workload.run_images): [{group, name, method, images, copy_of}]. ``copy_of``
-    names the identical run of an earlier group that trains instead (then ``images`` is 0).
+    it trains on (workload.run_images): [{group, name, method, images, copy_of, evaluated_from}].
+    ``copy_of`` names the identical run of an earlier group that trains instead, ``evaluated_from``
+    the run that trains alike and whose checkpoints this one evaluates (either way ``images`` is 0).
     """
     import tempfile
 
@@ -372,7 +373,8 @@ def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2)
                            seeds=list(seeds) if seeds is not None else None, check_data=False)
     return [{"group": s.group, "name": s.name, "method": s.cfg.method,
              "images": 0 if s.source else run_images(s.cfg, classes, per_class),
-             "copy_of": s.source.label if s.source else None} for s in specs]
+             "copy_of": s.source.label if s.action == "copy" else None,
+             "evaluated_from": s.source.label if s.action == "evaluate" else None} for s in specs]
 
 
 def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, warmup_epochs: int, threads: int,
@@ -484,7 +486,7 @@ def concurrency(args) -> dict:
     total = sum(r["images"] for r in study)
     longest = max(study, key=lambda r: r["images"])
     study_out = {"seeds": seeds, "classes": args.classes, "train_images_per_class": args.per_class,
-                 "runs": len(study), "runs_trained": sum(r["copy_of"] is None for r in study),
+                 "runs": len(study), "runs_trained": sum(r["images"] > 0 for r in study),
                  "train_images": total,
                  "groups": {g: {"runs": sum(r["group"] == g for r in study),
                                 "train_images": sum(r["images"] for r in study if r["group"] == g)}

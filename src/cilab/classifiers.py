@@ -51,6 +51,9 @@ class Classifier:
         return {}
 
     def fit(self, data: FitData) -> None:
+        """Fit on the exemplars. Randomness comes from ``data.seed`` alone, never from torch's
+        global random streams: training goes on from those after the evaluation, and a run that
+        only adds a classifier is evaluated from another run's checkpoints (cilab.reevaluate)."""
         raise NotImplementedError
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:

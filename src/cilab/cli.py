@@ -143,7 +143,7 @@ def cmd_demo(args) -> int:
 
 PARSERS = [add_run_parser, add_demo_parser]
 # Modules that add a command through an ``add_parser(sub)`` function.
-COMMAND_MODULES = ["reproduce", "report", "bench"]
+COMMAND_MODULES = ["reproduce", "report", "reevaluate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -341,13 +341,16 @@ class Protocol:
             self.tracker.close()
         self.metrics["status"] = "complete"
         results.atomic_write_json(self.out / results.METRICS, self.metrics)
+        self.plot_accuracy()
+        return self.metrics
+
+    def plot_accuracy(self) -> None:
         try:
             from .plots import plot_run_accuracy
 
             plot_run_accuracy(self.metrics, self.out / "accuracy.png")
         except Exception as e:  # a figure must never cost the results
             self.log(f"warning: could not draw {self.out / 'accuracy.png'}: {e}")
-        return self.metrics
 
     def task_context(self, t: int) -> TaskContext:
         cfg, sc = self.cfg, self.scenario

@@ -41,6 +41,7 @@ import yaml
 from . import experiment, results, runfolder
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
 from .executors import EXECUTORS, LocalExecutor, make_executor
+from .reevaluate import evaluate_run, training_key
 from .runspec import RunResult, RunSpec
 
 GROUPS_FILE = "groups.yaml"
@@ -312,19 +313,31 @@ def _identity(spec: RunSpec) -> tuple:
 
 def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
                seeds: list[int] | None = None, overwrite: bool = False, check_data: bool = True) -> list[RunSpec]:
-    """Several groups planned as one (:func:`plan` for each). A run that an earlier group of the
-    plan already has (same preset, overrides and config: the study's iCaRL runs are in five groups)
-    is trained once: the later one's action becomes "copy", its folder a copy of the first's."""
+    """Several groups planned as one (:func:`plan` for each; one group too). Two kinds of runs
+    are not trained again, only where their folder is new (a complete or half-done one keeps its own):
+
+    - a run that an earlier one of the plan is (same preset, overrides and config: the study's
+      iCaRL runs are in five groups): action "copy", its folder a copy of the first's;
+    - a run that trains as an earlier one does and differs only in its classifiers (iCaRL's
+      hybrid1, the classifier ablation; :func:`cilab.reevaluate.trains_like`): action
+      "evaluate", the first's checkpoints evaluated again with its own classifiers.
+    """
     groups = load_groups() if groups is None else groups
     specs = [s for name in names
              for s in plan(name, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite, check_data=False)]
     first: dict[tuple, RunSpec] = {}
+    trainers: dict[str, RunSpec] = {}  # training_key -> the first run that trains so
     for i, spec in enumerate(specs):
         twin = first.setdefault(_identity(spec), spec)
-        if twin is not spec and spec.action in ("new", "overwrite"):  # a complete or half-done folder keeps its own
+        trainer = trainers.setdefault(training_key(spec.cfg), spec)
+        if spec.action not in ("new", "overwrite"):
+            continue
+        if twin is not spec:
             specs[i] = replace(spec, action="copy", source=twin)
+        elif trainer is not spec:
+            specs[i] = replace(spec, action="evaluate", source=trainer)
     if check_data:
-        check_datasets([s for s in specs if s.action != "copy"])
+        check_datasets([s for s in specs if s.action not in ("copy", "evaluate")])
     return specs
 
 
@@ -372,6 +385,17 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
         except (OSError, ValueError, results.RunFolderError) as e:
             return RunResult(spec, "failed", time.perf_counter() - start,
                              f"could not copy {spec.source.folder}: {type(e).__name__}: {e}")
+    if spec.action == "evaluate":  # its trainer has run (run_all calls this after the trainer's result)
+        try:
+            # overwrite, as a copy does: the plan found the folder new, or to be replaced (--overwrite)
+            metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=True, log=log,
+                                   meta={"preset": spec.preset, "overrides": list(spec.overrides)})
+            return RunResult(spec, "evaluated", time.perf_counter() - start, metrics=metrics)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - as a failing run: the others go on
+            return RunResult(spec, "failed", time.perf_counter() - start,
+                             f"could not evaluate {spec.source.folder}: {type(e).__name__}: {e}")
     try:
         metrics = experiment.run(  # looked up at call time: tests may replace it
             spec.cfg, spec.folder, resume=spec.action == "resume", overwrite=spec.action == "overwrite",
@@ -393,9 +417,10 @@ def _result_line(res: RunResult, i: int, n: int, name: Callable[[RunSpec], str])
     m = res.metrics or {}
     accs = "  ".join(f"{c} avg {m[c]['average_incremental_accuracy']:.1f}% final {m[c]['final_accuracy']:.1f}%"
                      for c in m.get("classifiers", []) if c in m)
-    what = {"skipped": "already complete, skipped",
-            "copied": f"copied from {s.source.label if s.source else '?'}"}.get(res.status,
-                                                                            f"{res.status} in {res.seconds:.0f}s")
+    source = s.source.label if s.source else "?"
+    what = {"skipped": "already complete, skipped", "copied": f"copied from {source}",
+            "evaluated": f"evaluated from {source}'s checkpoints in {res.seconds:.0f}s"}.get(
+                res.status, f"{res.status} in {res.seconds:.0f}s")
     return head + f"{what}  {accs}"
 
 
@@ -416,9 +441,10 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
     name = (lambda s: s.name) if len(groups) == 1 else (lambda s: s.label)  # run names repeat across groups
     done: dict[Path, RunResult] = {}  # by folder
     running: list[str] = []
-    copies: dict[Path, list[RunSpec]] = {}  # a run's folder -> the runs of other groups that copy it
+    # a run's folder -> the runs that copy it or evaluate its checkpoints, once it is over
+    copies: dict[Path, list[RunSpec]] = {}
     for s in specs:
-        if s.action == "copy":
+        if s.action in ("copy", "evaluate"):
             copies.setdefault(s.source.folder, []).append(s)
     with tqdm(total=len(specs), desc=groups[0] if len(groups) == 1 else "study", unit="run", position=0,
               disable=not progress, dynamic_ncols=True) as bar:
@@ -426,14 +452,17 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
             done[res.spec.folder] = res
             bar.update(1)
             log(_result_line(res, len(done), len(specs), name))
-            for twin in copies.pop(res.spec.folder, []):  # here, in this process: a copy is file work
-                finished(RunResult(twin, "failed", error=f"not copied: {res.spec.label} failed") if res.failed
-                         else run_one(twin))
+            # Here, in this process: a copy is file work, an evaluation a run's evaluations without
+            # its training (seconds to a minute; the runs in workers go on meanwhile).
+            for twin in copies.pop(res.spec.folder, []):
+                verb = "copied" if twin.action == "copy" else "evaluated"
+                finished(RunResult(twin, "failed", error=f"not {verb}: {res.spec.label} failed") if res.failed
+                         else run_one(twin, log=log))
 
         for spec in specs:  # complete runs are read here: no worker, no cluster needed for them
             if spec.action == "skip":
                 finished(run_one(spec))
-        todo = [s for s in specs if s.action not in ("skip", "copy")]
+        todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
         if todo and not executor.in_process:
             todo = longest_first(todo)  # runs at once: the long ones must not be left for last
         if todo:
@@ -484,16 +513,17 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     names = group_names(group, groups) if isinstance(group, str) else list(group)
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
-    todo = [s for s in specs if s.action not in ("skip", "copy")]
+    todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
     advice = getattr(runner, "notes", None)  # optional in the executor contract
     for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
         log(f"note: {line}")
     for name in names:
         mine = [s for s in specs if s.group == name]
-        copied = sum(s.action == "copy" for s in mine)
+        copied, evaluated = (sum(s.action == a for s in mine) for a in ("copy", "evaluate"))
         log(f"group {name}: {len(mine)} run{'s' * (len(mine) != 1)} into {Path(out) / name} "
-            f"({sum(s.action == 'skip' for s in mine)} "
-            f"already complete" + (f", {copied} copied from an identical run of another group)" if copied else ")"))
+            f"({sum(s.action == 'skip' for s in mine)} already complete"
+            + (f", {copied} copied from an identical run of another group" if copied else "")
+            + (f", {evaluated} evaluated from the checkpoints of a run that trains alike" if evaluated else "") + ")")
     res = run_all(specs, executor=runner, progress=progress)
     reports = {}
     for name in names if report else []:

@@ -26,9 +26,11 @@ class RunSpec:
     overrides: list[str]  # everything applied on top of the preset, seed=... last; stored in metrics.json
     cfg: Config
     folder: Path
-    action: str = "new"  # new | resume | skip | overwrite | copy
+    action: str = "new"  # new | resume | skip | overwrite | copy | evaluate
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (override, why) left out of this run
-    source: RunSpec | None = None  # action "copy": the identical run of another group, trained instead
+    # action "copy": the identical run of another group, trained instead; "evaluate": the run
+    # that trains alike, whose checkpoints this one evaluates with its own classifiers
+    source: RunSpec | None = None
 
     @property
     def notes(self) -> list[str]:
@@ -42,7 +44,7 @@ class RunSpec:
 @dataclass
 class RunResult:
     spec: RunSpec
-    status: str  # skipped | done | resumed | copied | failed
+    status: str  # skipped | done | resumed | copied | evaluated | failed
     seconds: float = 0.0
     error: str | None = None
     metrics: dict | None = None

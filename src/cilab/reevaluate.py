@@ -1,0 +1,161 @@
+"""A run evaluated again from another run's checkpoints: the same training, other classifiers.
+
+Two runs whose configs differ only in what evaluation alone reads (``EVAL_ONLY``:
+which classifiers, and their settings) train the same network on the same data
+with the same random draws: nothing in training reads those keys, and no
+classifier draws from the run's random streams (the kNN, SVM and MLP are seeded
+on their own; a plugin classifier must do the same, see ``classifiers.Classifier``).
+Each task's checkpoint of the first run
+holds the model and the exemplars its evaluation used; evaluating them again
+with the second run's classifiers gives the numbers the second run would have
+got by training (tests/test_reevaluate.py checks it against a trained run, bit
+for bit on the CPU). ``eval.batch_size`` is not among those keys: training reads
+it (herding's and ``train.keep_best``'s features).
+
+The study's iCaRL "hybrid1" (``eval.classifiers=[fc]``) and its classifier
+ablation (``[nme,fc,knn,svm,mlp]``) are such runs: ``cilab reproduce`` evaluates
+them from the plain iCaRL run instead of training them again.
+
+The new run folder is a complete run of its own config: config.yaml, every
+task's checkpoint (the first run's training state, with this run's metrics
+and confusion matrices), metrics.json (``evaluated_from`` names the first run;
+its timings and training images are the first run's training) and
+confusion.npz.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import results, runfolder
+from .config import Config, ConfigError, config_from_dict
+from .data import Scenario
+from .evaluation import summarize
+from .experiment import Protocol, Runtime, _load_data, _sigint_deferred
+from .memory import ExemplarMemory
+from .results import RunFolderError
+
+EVAL_ONLY = ("classifiers", "knn", "svm", "mlp", "fc_scope")  # the eval keys no part of training reads
+
+
+def training_key(cfg: Config) -> str:
+    """``cfg`` with what evaluation alone reads (and ``log``) set to the defaults."""
+    return repr(dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, **{k: getattr(Config().eval, k) for k in EVAL_ONLY}), log=Config().log))
+
+
+def trains_like(cfg: Config, other: Config) -> bool:
+    """Whether ``cfg`` trains exactly as ``other`` does: the configs differ at most in ``EVAL_ONLY``
+    (and ``log``, which only says where scalars go)."""
+    return training_key(cfg) == training_key(other)
+
+
+def source_config(source: Path) -> Config:
+    data = yaml.safe_load((Path(source) / results.CONFIG).read_text()) or {}
+    return config_from_dict(data)
+
+
+def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite: bool = False,
+                 meta: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """A complete run of ``cfg`` in ``out``, evaluated from the checkpoints of the complete run in
+    ``source`` (whose config must train as ``cfg`` does, see :func:`trains_like`); returns
+    metrics.json's content. Refuses before writing anything: a source that is not complete or
+    trains otherwise, a folder in ``out`` in the way (as ``cilab run`` would)."""
+    source, out = Path(source), Path(out)
+    log = log or (lambda msg: tqdm.write(msg))
+    if out.resolve() == source.resolve():
+        raise RunFolderError(f"cannot evaluate {source} into itself; choose another --out")
+    if not results.is_complete(source):
+        raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
+    theirs = source_config(source)
+    if not trains_like(cfg, theirs):
+        keys = runfolder.config_diff(theirs.to_dict(), dataclasses.replace(
+            cfg, eval=dataclasses.replace(cfg.eval, **{k: getattr(theirs.eval, k) for k in EVAL_ONLY})).to_dict())
+        raise ConfigError(f"cannot evaluate from {source}: its training differs ({keys}); only "
+                          f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
+    runfolder.check(out, cfg, False, overwrite)
+    runtime = Runtime.resolve(cfg.train)
+    data = _load_data(cfg.data)
+    try:
+        scenario = Scenario.for_run(cfg, data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    with runfolder.claim(out, cfg, False, overwrite, log), runfolder.RunLock(source):
+        results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
+        with runtime.applied():
+            protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)
+            return evaluate_checkpoints(protocol, source)
+
+
+def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
+    """Each task's checkpoint of ``source``, evaluated by ``p`` (its config's classifiers) and saved
+    into ``p.out`` with ``p``'s metrics; then metrics.json, marked complete."""
+    mine = set(p.cfg.eval.classifiers)
+    t0 = time.perf_counter()
+    for t in range(p.scenario.num_tasks):
+        path = results.checkpoint_path(source, t)
+        state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
+        if state["class_order"] != p.scenario.class_order:
+            raise RunFolderError(f"cannot evaluate {path}: it was made for another class order")
+        p.method.load_state_dict(state.get("method", {}))
+        p.method.load_model(p.model, state["model"])  # as a resume does (DER's grown network)
+        p.memory = ExemplarMemory.from_state_dict(state["memory"], p.device)
+        p.evaluate(t, p.scenario.seen(t))
+        trained = state["metrics"]  # the source's metrics after task t: its memory sizes and timings stay
+        for c in p.cfg.eval.classifiers:
+            p.metrics[c].update(summarize(p.metrics[c]["accuracy"], p.metrics[c]["accuracy_matrix"]))
+        p.metrics = {**{k: v for k, v in trained.items() if k not in trained["classifiers"]},
+                     **{k: p.metrics[k] for k in ("preset", "overrides", "classifiers", *mine)},
+                     "evaluated_from": str(source)}
+        state["metrics"] = results.plain_data(p.metrics)
+        state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
+        with _sigint_deferred():  # the checkpoint first, as a training run commits a task
+            results.atomic_torch_save(results.checkpoint_path(p.out, t), state)
+            results.atomic_savez(p.out / results.CONFUSION, p.confusion)
+            results.atomic_write_json(p.out / results.METRICS, p.metrics)
+    p.metrics["status"] = "complete"
+    p.metrics["reevaluation_s"] = time.perf_counter() - t0
+    results.atomic_write_json(p.out / results.METRICS, p.metrics)
+    p.plot_accuracy()
+    return p.metrics
+
+
+# -- cilab evaluate ------------------------------------------------------------------------
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="a finished run evaluated again with other classifiers, without training",
+        description="Evaluate each task's checkpoint of the complete run in RUN_DIR again with other "
+        f"classifiers (eval.{', eval.'.join(EVAL_ONLY)}) and write a complete run folder of the new config "
+        "into --out: what training that config would give, without training. A key that changes training "
+        "is refused. Example: cilab evaluate runs/icarl --out runs/icarl-knn eval.classifiers=[nme,knn] eval.knn.k=3",
+    )
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="a complete run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides")
+    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (your other files stay)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .config import build_config
+
+    if not (args.run / results.CONFIG).is_file():
+        raise RunFolderError(f"{args.run} is not a run folder (no {results.CONFIG}); give a folder `cilab run` wrote")
+    cfg = build_config(str(args.run / results.CONFIG), list(args.overrides))
+    before = results.read_metrics(args.run) if results.is_complete(args.run) else {}
+    meta = {"preset": before.get("preset"), "overrides": [*(before.get("overrides") or []), *args.overrides]}
+    m = evaluate_run(cfg, args.run, args.out, overwrite=args.overwrite, meta=meta)
+    for c in m["classifiers"]:
+        print(f"{c}: average incremental accuracy {m[c]['average_incremental_accuracy']:.2f}%, "
+              f"final {m[c]['final_accuracy']:.2f}%")
+    print(f"results in {args.out} (evaluated from {args.run}'s checkpoints in {m['reevaluation_s']:.0f}s)")
+    return 0
