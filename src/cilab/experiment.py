@@ -140,7 +140,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     # in use by another run, unwritable), then the device, the data and the task split.
     runfolder.check(out, cfg, resume, overwrite)
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
-    data = _load_data(cfg.data)  # refuses missing / broken data before any work
+    data = load_run_data(cfg.data)  # refuses missing / broken data before any work
     try:
         scenario = Scenario.for_run(cfg, data)
     except ValueError as e:
@@ -152,7 +152,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
             return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
 
 
-def _load_data(data_cfg):
+def load_run_data(data_cfg):
     try:
         return load_dataset(data_cfg)
     except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError) as e:
@@ -195,7 +195,7 @@ class _InterruptWatch:
 
 
 @contextlib.contextmanager
-def _sigint_deferred():
+def sigint_deferred():
     """Hold a Ctrl-C back while the block runs, then deliver it as usual.
 
     Signal handlers can only be set from the main thread; elsewhere (a run in
@@ -308,7 +308,7 @@ class Protocol:
         # are views of it written after, so a kill between the writes loses
         # nothing: the resumed run rewrites them. Ctrl-C is held back until all
         # three are written, so an interrupted run's files always agree.
-        with _sigint_deferred():
+        with sigint_deferred():
             results.atomic_torch_save(results.checkpoint_path(self.out, task), state)
             self._saved_metrics = copy.deepcopy(self.metrics)
             results.atomic_savez(self.out / results.CONFUSION, self.confusion)

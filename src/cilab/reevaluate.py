@@ -38,7 +38,7 @@ from . import results, runfolder
 from .config import Config, ConfigError, config_from_dict
 from .data import Scenario
 from .evaluation import summarize
-from .experiment import Protocol, Runtime, _load_data, _sigint_deferred
+from .experiment import Protocol, Runtime, load_run_data, sigint_deferred
 from .memory import ExemplarMemory
 from .results import RunFolderError
 
@@ -82,7 +82,7 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
                           f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
     runfolder.check(out, cfg, False, overwrite)
     runtime = Runtime.resolve(cfg.train)
-    data = _load_data(cfg.data)
+    data = load_run_data(cfg.data)
     try:
         scenario = Scenario.for_run(cfg, data)
     except ValueError as e:
@@ -116,7 +116,7 @@ def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
                      "evaluated_from": str(source)}
         state["metrics"] = results.plain_data(p.metrics)
         state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
-        with _sigint_deferred():  # the checkpoint first, as a training run commits a task
+        with sigint_deferred():  # the checkpoint first, as a training run commits a task
             results.atomic_torch_save(results.checkpoint_path(p.out, t), state)
             results.atomic_savez(p.out / results.CONFUSION, p.confusion)
             results.atomic_write_json(p.out / results.METRICS, p.metrics)
