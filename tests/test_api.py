@@ -30,11 +30,12 @@ def test_api_example_runs_and_its_numbers_are_the_run_folders(tmp_path, monkeypa
 
 def test_package_exports():
     import cilab
-    from cilab import DATASETS, METHODS, MODELS, build_config, run
+    from cilab import DATASETS, METHODS, MODELS, build_config, evaluate_run, run
     from cilab.config import build_config as config_build
     from cilab.experiment import run as experiment_run
+    from cilab.reevaluate import evaluate_run as reevaluate_run
 
-    assert build_config is config_build and run is experiment_run
+    assert build_config is config_build and run is experiment_run and evaluate_run is reevaluate_run
     assert "icarl" in METHODS and "resnet18" in MODELS and "imagefolder" in DATASETS and "cifar10" in DATASETS
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         cilab.nothing  # noqa: B018

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 from .errors import ConfigError
 from .runspec import RunResult, RunSpec
 
-# An executor is called with the runs to do (never the skipped ones) and
+# An executor is called with the runs to train (never the skipped, copied or evaluated ones) and
 # ``work``, the picklable function that does one (run_one with its options),
 # and yields ("start", spec) when it hands a run to a worker and
 # ("end", RunResult) when the run is over, in whatever order runs finish.
