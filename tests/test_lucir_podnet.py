@@ -205,7 +205,8 @@ def test_runs_a_b50_split_on_digits_with_balanced_finetuning(method, tmp_path):
     # LUCIR holds the old rows fixed while the task trains; its balanced fine-tuning then moves them
     assert not torch.equal(heads[0][:rows], heads[1][:rows])
     # the report (t-SNE) rebuilds the method's network and the B50 class order from the run folder
-    from cilab.report import RunState, load_run
+    from cilab.checkpoint_figures import RunState
+    from cilab.report import load_run
 
     model, _ = RunState(load_run(out), "cpu", {}).load(2)
     assert type(model.head) is type(experiment.METHODS[method]().build_model(build_config(method).model, 10).head)

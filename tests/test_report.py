@@ -115,7 +115,7 @@ def test_figures_are_pngs_of_the_expected_size(report):
 
 
 def test_tsne_reads_the_checkpoints(real_runs):
-    from cilab.report import RunState, tsne_rows
+    from cilab.checkpoint_figures import RunState, tsne_rows
 
     _, folders = real_runs
     st = RunState(load_run(folders[0]), "cpu", {})

@@ -7,3 +7,7 @@ A module of its own so that ``config`` and the method plugins can both raise
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key and how to fix it."""
+
+
+class ReportError(RuntimeError):
+    """Run folders that cannot make a report (or a figure of one); the message names the folder."""

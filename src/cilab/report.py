@@ -47,10 +47,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from . import results
+from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError, parse_override
+from .errors import ReportError
 
 SUMMARY_FIELDS = [
     "variant", "preset", "overrides", "classifier", "n_seeds", "seeds",
@@ -62,12 +63,6 @@ CURVE_FIELDS = ["variant", "classifier", "task", "classes_seen", "n_seeds", "acc
 REPORT_FILES = ("report.md", "summary.csv", "curves.csv", "accuracy.png", "current_task_accuracy.png", "tsne.png",
                 "confusion_*.png", "exemplars_*_task*.png")
 STD_DDOF = 1  # default: sample standard deviation over seeds (see module doc); the study: 0
-TSNE_CLASSES = 5  # "Five class of the first task are chosen" (the study, figure 4)
-TSNE_TASKS = (1, 5, 10)  # "at task 1, 5 and 10"; clamped to the run's tasks, the last one always drawn
-
-
-class ReportError(RuntimeError):
-    pass
 
 
 # -- reading run folders -----------------------------------------------------------------
@@ -448,119 +443,6 @@ def confusion_figures(run: Run, out: Path) -> list[Path]:
                 class_names=m.get("class_names"),
                 title=f"{run.name} ({c}): confusion after task {t}, {mat.shape[0]} classes, accuracy {acc:.1f}%"))
     return paths
-
-
-# -- figures from checkpoints (no retraining) --------------------------------------------
-
-
-class RunState:
-    """A run's data, scenario and normaliser rebuilt from its folder; models loaded per task."""
-
-    def __init__(self, run: Run, device, datasets: dict):
-        import torch
-
-        from .config import config_from_dict
-        from .data import Scenario, load_dataset
-        from .data.loader import Normalizer
-
-        self.run, self.device = run, device
-        self.cfg = config_from_dict(yaml.safe_load((run.path / results.CONFIG).read_text()) or {})
-        key = repr(self.cfg.data)
-        if key not in datasets:
-            datasets[key] = load_dataset(self.cfg.data)
-        data = datasets[key]
-        self.scenario = Scenario.for_run(self.cfg, data)
-        if run.metrics and run.metrics.get("class_order") not in (None, self.scenario.class_order):
-            raise ReportError(f"{run.path}: the class order rebuilt from config.yaml differs from metrics.json's")
-        mean, std = data.mean_std()  # the train split's statistics, as in training
-        self.normalizer = Normalizer(mean, std).to(device)
-        self.x_train = data.x_train
-        self.y_train = self.scenario.remap(data.y_train)
-        self.torch = torch
-
-    def load(self, task: int):
-        """(model in eval mode, memory per_class dict) after task ``task`` (1-based)."""
-        from .methods import METHODS
-
-        path = results.checkpoint_path(self.run.path, task - 1)
-        if not path.exists():
-            raise ReportError(f"{path} not found")
-        state = results.load_checkpoint(path)
-        if state.get("class_order") not in (None, self.scenario.class_order):
-            raise ReportError(f"{path}: its class order differs from the one rebuilt from config.yaml")
-        # The method builds the network and loads the weights, as a resume does: LUCIR's and
-        # PODNet's heads are not the linear one, and DER's network has grown an extractor a task.
-        cls = METHODS[self.cfg.method]
-        method = cls(cls.parse_args(self.cfg.method_args))
-        model = method.build_model(self.cfg.model, self.scenario.num_classes, self.cfg.data.image_size)
-        method.load_state_dict(state.get("method", {}))
-        method.load_model(model, state["model"])
-        model.to(self.device).eval()
-        per_class = {int(c): x for c, x in state["memory"]["per_class"].items()}
-        return model, per_class
-
-    def features(self, model, x):
-        from .evaluation import extract_features
-
-        f = extract_features(model, x.to(self.device), self.normalizer, self.cfg.eval.batch_size)
-        # t-SNE in the space iCaRL's herding and NME work in: L2-normalised features.
-        return self.torch.nn.functional.normalize(f, dim=1).cpu().numpy()
-
-
-def tsne_tasks(num_done: int, wanted=TSNE_TASKS) -> list[int]:
-    """Wanted tasks clamped to the completed ones, the last always included, duplicates dropped."""
-    tasks = sorted({min(max(int(t), 1), num_done) for t in wanted} | {num_done})
-    if len(tasks) > len(wanted):  # e.g. 1, 5, 10 clamped in a 12-task run: show 1, 5, 12
-        tasks = tasks[: len(wanted) - 1] + [num_done]
-    return tasks
-
-
-def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, log) -> list[dict]:
-    from sklearn.manifold import TSNE
-
-    rows = []
-    for st in states:
-        m = st.run.metrics
-        classes = list(range(min(n_classes, st.scenario.classes_per_task)))
-        panels = []
-        for t in tsne_tasks(m["num_tasks"], wanted_tasks):
-            log(f"t-SNE: {st.run.name}, after task {t}")
-            model, memory = st.load(t)
-            feats, labels, ex = [], [], []
-            for i, c in enumerate(classes):
-                xs = st.x_train[st.y_train == c]
-                mem = memory.get(c)
-                for x, is_ex in ((xs, False), (mem, True)):
-                    if x is None or not len(x):
-                        continue
-                    feats.append(st.features(model, x))
-                    labels.append(np.full(len(x), i))
-                    ex.append(np.full(len(x), is_ex))
-            f = np.concatenate(feats)
-            perplexity = float(min(30.0, max(2.0, (len(f) - 1) / 3.0)))
-            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                      random_state=seed).fit_transform(f)
-            n_ex = int(np.concatenate(ex).sum())
-            panels.append({"title": f"after task {t} ({st.scenario.seen(t - 1)} classes), {n_ex} exemplars",
-                           "xy": xy, "labels": np.concatenate(labels), "exemplar": np.concatenate(ex)})
-        names = [m.get("class_names", [str(c) for c in range(len(classes))])[c] for c in classes]
-        rows.append({"label": st.run.name, "panels": panels, "class_names": names})
-    return rows
-
-
-def exemplar_figure(st: RunState, task: int, per_class: int, max_classes: int, out: Path) -> Path:
-    from .plots import plot_exemplar_grid
-
-    _, memory = st.load(task)
-    labels = sorted(memory)
-    shown = labels[:max_classes]
-    names = st.run.metrics.get("class_names") or [str(c) for c in range(st.scenario.num_classes)]
-    quota = max((len(memory[c]) for c in labels), default=0)
-    more = f", first {len(shown)} of {len(labels)} classes" if len(shown) < len(labels) else ""
-    return plot_exemplar_grid(
-        [memory[c][:per_class].numpy() for c in shown], [f"{c}: {names[c]}" for c in shown],
-        out / f"exemplars_{st.run.name}_task{task:02d}.png", per_class=per_class,
-        title=f"{st.run.name}: exemplars after task {task} ({quota} per class{more})")
 
 
 # -- the report --------------------------------------------------------------------------
