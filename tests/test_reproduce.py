@@ -373,7 +373,7 @@ def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tm
     out = capsys.readouterr().out
     assert "group variants: 2 runs" in out and "1 evaluated from the checkpoints of a run that trains alike" in out
 
-    # the trainer fails: its evaluations are reported failed, the others go on
+    # the trainer fails: both runs evaluated from it are reported failed, naming it
     monkeypatch.setattr(experiment, "run", fake_run({"icarl-s0"}))
     res, _ = reproduce("all", tmp_path / "again", npz_overrides(npz, tasks=2), groups=groups, progress=False,
                        report=False)
