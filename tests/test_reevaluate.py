@@ -65,11 +65,12 @@ def test_cilab_evaluate_on_the_command_line(runs, capsys):
     assert got["fc"] == trained["fc"] and got["knn"] == trained["knn"]
     out = capsys.readouterr().out
     assert f"knn: average incremental accuracy {trained['knn']['average_incremental_accuracy']:.2f}%" in out
-    # a key that changes training: one line, before anything is written
-    assert cli.main(["evaluate", str(root / "a"), "--out", str(root / "e"), "train.lr=0.5"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("cilab: error: cannot evaluate from") and "train.lr: 2.0 saved, 0.5 now" in err
-    assert err.count("\n") == 1 and not (root / "e").exists()
+    # a key that changes training (or tracking, which an evaluation does not start): one line, nothing written
+    for bad in ("train.lr=0.5", "log.tensorboard=true"):
+        assert cli.main(["evaluate", str(root / "a"), "--out", str(root / "e"), bad]) == 2
+        err = capsys.readouterr().err
+        assert err == f"cilab: error: cilab evaluate takes eval.* overrides only (the rest is the run's), got {bad}\n"
+    assert not (root / "e").exists()
     assert cli.main(["evaluate", str(root), "--out", str(root / "e")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
 
@@ -81,6 +82,11 @@ def test_only_a_config_that_trains_alike_is_evaluated_and_nothing_is_written_oth
     other = build_config("icarl", [o for o in npz_overrides(root / "tiny.npz", tasks=5)] + ["train.epochs=3"])
     with pytest.raises(ConfigError, match=r"its training differs \(train.epochs: 2 saved, 3 now\); only eval.classifiers"):
         evaluate_run(other, root / "a", tmp_path / "x")
+    # another method: its own settings differ too, named, not a KeyError
+    with pytest.raises(ConfigError, match=r"its training differs \(method: 'icarl' saved, 'wa' now; "
+                                          r"method_args.T: '\(not set\)' saved, 2.0 now"):
+        evaluate_run(build_config("wa", npz_overrides(root / "tiny.npz", tasks=5) + ["train.epochs=2"]),
+                     root / "a", tmp_path / "x")
     (tmp_path / "half").mkdir()
     with pytest.raises(results.RunFolderError, match="holds no complete run"):
         evaluate_run(b, tmp_path / "half", tmp_path / "y")

@@ -342,11 +342,12 @@ def test_a_group_alone_trains_its_own_copy_and_a_complete_folder_is_not_copied_o
     ov = npz_overrides(npz)
     assert [s.action for s in plan_study(["second"], tmp_path, ov, groups=TWO_GROUPS)] == ["new", "new"]
     reproduce("second", tmp_path, ov, groups=TWO_GROUPS, progress=False, report=False)
-    # the second group's icarl-s0 is complete already: skipped, not replaced by the first group's
+    # the second group's icarl-s0 is complete already: skipped, not replaced by the first group's,
+    # and the first group's copies it instead of training it again
     specs = plan_study(["first", "second"], tmp_path, ov, groups=TWO_GROUPS)
-    assert [(s.label, s.action) for s in specs] == [
-        ("first/icarl-s0", "new"), ("first/finetune-s0", "new"), ("second/icarl-s0", "skip"),
-        ("second/icarl-lr-s0", "skip")]
+    assert [(s.label, s.action, s.source.label if s.source else None) for s in specs] == [
+        ("first/icarl-s0", "copy", "second/icarl-s0"), ("first/finetune-s0", "new", None),
+        ("second/icarl-s0", "skip", None), ("second/icarl-lr-s0", "skip", None)]
 
 
 def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tmp_path, npz, monkeypatch, capsys):
@@ -372,6 +373,16 @@ def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tm
     assert hybrid["overrides"] == ["eval.classifiers=[fc]", *npz_overrides(npz, tasks=2), "seed=0"]
     out = capsys.readouterr().out
     assert "group variants: 2 runs" in out and "1 evaluated from the checkpoints of a run that trains alike" in out
+
+    # an evaluation cut short (a half-written folder) is evaluated again, not trained on
+    hybrid_folder = tmp_path / "variants" / "icarl-hybrid1-s0"
+    (hybrid_folder / results.METRICS).unlink()
+    results.checkpoint_path(hybrid_folder, 1).unlink()
+    trained.clear()
+    res, _ = reproduce("all", tmp_path, npz_overrides(npz, tasks=2), groups=groups, progress=False, report=False)
+    assert trained == [] and [r.status for r in res] == ["skipped", "evaluated", "skipped"]
+    again = results.read_metrics(hybrid_folder)
+    assert again["fc"] == hybrid["fc"] and again["status"] == "complete" and again["completed_tasks"] == 2
 
     # the trainer fails: both runs evaluated from it are reported failed, naming it
     monkeypatch.setattr(experiment, "run", fake_run({"icarl-s0"}))

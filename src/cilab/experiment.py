@@ -195,7 +195,7 @@ class _InterruptWatch:
 
 
 @contextlib.contextmanager
-def sigint_deferred():
+def _sigint_deferred():
     """Hold a Ctrl-C back while the block runs, then deliver it as usual.
 
     Signal handlers can only be set from the main thread; elsewhere (a run in
@@ -283,9 +283,7 @@ class Protocol:
         state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
         if state.get("class_order") != self.scenario.class_order or task >= self.scenario.num_tasks:
             raise RunFolderError(f"cannot resume from {path}: it was made for another class order or task split")
-        self.method.load_state_dict(state.get("method", {}))
-        self.method.load_model(self.model, state["model"])  # a grown network (DER) grows back first
-        self.memory = ExemplarMemory.from_state_dict(state["memory"], self.device)
+        self.load_trained(state)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.metrics = state["metrics"]
@@ -293,6 +291,12 @@ class Protocol:
         self._saved_metrics = copy.deepcopy(self.metrics)
         self.log(f"resuming {self.out} after task {task + 1}/{self.scenario.num_tasks}")
         return task + 1
+
+    def load_trained(self, state: dict) -> None:
+        """A checkpoint's network, method state and exemplars: all that evaluation reads."""
+        self.method.load_state_dict(state.get("method", {}))
+        self.method.load_model(self.model, state["model"])  # a grown network (DER) grows back first
+        self.memory = ExemplarMemory.from_state_dict(state["memory"], self.device)
 
     def _save(self, task: int) -> None:
         state = {
@@ -303,12 +307,18 @@ class Protocol:
             "confusion": {k: torch.from_numpy(v) for k, v in self.confusion.items()},
             "method": results.plain_data(self.method.state_dict(), "method", tensors=True),
         }
-        # The checkpoint is the commit point and holds everything a resume
-        # needs (confusion matrices included); confusion.npz and metrics.json
-        # are views of it written after, so a kill between the writes loses
-        # nothing: the resumed run rewrites them. Ctrl-C is held back until all
-        # three are written, so an interrupted run's files always agree.
-        with sigint_deferred():
+        self.commit(task, state)
+
+    def commit(self, task: int, state: dict) -> None:
+        """Write task ``task``'s checkpoint ``state``, then confusion.npz and metrics.json from this run's.
+
+        The checkpoint is the commit point and holds everything a resume
+        needs (confusion matrices included); confusion.npz and metrics.json
+        are views of it written after, so a kill between the writes loses
+        nothing: the resumed run rewrites them. Ctrl-C is held back until all
+        three are written, so an interrupted run's files always agree.
+        """
+        with _sigint_deferred():
             results.atomic_torch_save(results.checkpoint_path(self.out, task), state)
             self._saved_metrics = copy.deepcopy(self.metrics)
             results.atomic_savez(self.out / results.CONFUSION, self.confusion)
@@ -468,14 +478,18 @@ class Protocol:
         self.metrics["memory_per_class"].append(self.memory.per_class_quota(n_seen) if cfg.memory.size else 0)
         self.metrics["memory_total"].append(len(self.memory))
         self.metrics["completed_tasks"] = t + 1
-        for c in cfg.eval.classifiers:
-            m = self.metrics[c]
-            m.update(summarize(m["accuracy"], m["accuracy_matrix"]))
+        self.summarize_classifiers()
         self._save(t)
         self.tracker.log_task(t, self.metrics)
         accs = "  ".join(f"{c} {self.metrics[c]['accuracy'][-1]:5.1f}%" for c in cfg.eval.classifiers)
         if self.progress:
             self.log(f"[{self.out.name}] task {t + 1}/{sc.num_tasks} ({n_seen} classes): {accs}  ({t3 - t0:.1f}s)")
+
+    def summarize_classifiers(self) -> None:
+        """Each classifier's summaries (average incremental accuracy, ...) from its accuracies so far."""
+        for c in self.cfg.eval.classifiers:
+            m = self.metrics[c]
+            m.update(summarize(m["accuracy"], m["accuracy_matrix"]))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalizer(x).contiguous(memory_format=self.rt.memory_format)

@@ -37,18 +37,24 @@ from tqdm.auto import tqdm
 from . import results, runfolder
 from .config import Config, ConfigError, config_from_dict
 from .data import Scenario
-from .evaluation import summarize
-from .experiment import Protocol, Runtime, load_run_data, sigint_deferred
-from .memory import ExemplarMemory
+from .experiment import Protocol, Runtime, load_run_data
 from .results import RunFolderError
 
 EVAL_ONLY = ("classifiers", "knn", "svm", "mlp", "fc_scope")  # the eval keys no part of training reads
 
 
-def training_key(cfg: Config) -> str:
+_DEFAULTS = Config()
+
+
+def _training_part(cfg: Config) -> Config:
     """``cfg`` with what evaluation alone reads (and ``log``) set to the defaults."""
-    return repr(dataclasses.replace(cfg, eval=dataclasses.replace(
-        cfg.eval, **{k: getattr(Config().eval, k) for k in EVAL_ONLY}), log=Config().log))
+    return dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, **{k: getattr(_DEFAULTS.eval, k) for k in EVAL_ONLY}), log=_DEFAULTS.log)
+
+
+def training_key(cfg: Config) -> str:
+    """Equal for two configs exactly when they train alike."""
+    return repr(_training_part(cfg))
 
 
 def trains_like(cfg: Config, other: Config) -> bool:
@@ -76,8 +82,7 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
         raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
     theirs = source_config(source)
     if not trains_like(cfg, theirs):
-        keys = runfolder.config_diff(theirs.to_dict(), dataclasses.replace(
-            cfg, eval=dataclasses.replace(cfg.eval, **{k: getattr(theirs.eval, k) for k in EVAL_ONLY})).to_dict())
+        keys = runfolder.config_diff(_training_part(theirs).to_dict(), _training_part(cfg).to_dict())
         raise ConfigError(f"cannot evaluate from {source}: its training differs ({keys}); only "
                           f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
     runfolder.check(out, cfg, False, overwrite)
@@ -97,29 +102,23 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
 def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
     """Each task's checkpoint of ``source``, evaluated by ``p`` (its config's classifiers) and saved
     into ``p.out`` with ``p``'s metrics; then metrics.json, marked complete."""
-    mine = set(p.cfg.eval.classifiers)
+    mine = list(p.cfg.eval.classifiers)
     t0 = time.perf_counter()
     for t in range(p.scenario.num_tasks):
         path = results.checkpoint_path(source, t)
         state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
         if state["class_order"] != p.scenario.class_order:
             raise RunFolderError(f"cannot evaluate {path}: it was made for another class order")
-        p.method.load_state_dict(state.get("method", {}))
-        p.method.load_model(p.model, state["model"])  # as a resume does (DER's grown network)
-        p.memory = ExemplarMemory.from_state_dict(state["memory"], p.device)
+        p.load_trained(state)  # as a resume does (DER's grown network)
         p.evaluate(t, p.scenario.seen(t))
+        p.summarize_classifiers()
         trained = state["metrics"]  # the source's metrics after task t: its memory sizes and timings stay
-        for c in p.cfg.eval.classifiers:
-            p.metrics[c].update(summarize(p.metrics[c]["accuracy"], p.metrics[c]["accuracy_matrix"]))
         p.metrics = {**{k: v for k, v in trained.items() if k not in trained["classifiers"]},
                      **{k: p.metrics[k] for k in ("preset", "overrides", "classifiers", *mine)},
                      "evaluated_from": str(source)}
         state["metrics"] = results.plain_data(p.metrics)
         state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
-        with sigint_deferred():  # the checkpoint first, as a training run commits a task
-            results.atomic_torch_save(results.checkpoint_path(p.out, t), state)
-            results.atomic_savez(p.out / results.CONFUSION, p.confusion)
-            results.atomic_write_json(p.out / results.METRICS, p.metrics)
+        p.commit(t, state)  # the source's training state, this run's evaluation
     p.metrics["status"] = "complete"
     p.metrics["reevaluation_s"] = time.perf_counter() - t0
     results.atomic_write_json(p.out / results.METRICS, p.metrics)
@@ -150,6 +149,9 @@ def cmd_evaluate(args) -> int:
 
     if not (args.run / results.CONFIG).is_file():
         raise RunFolderError(f"{args.run} is not a run folder (no {results.CONFIG}); give a folder `cilab run` wrote")
+    if any(o.split("=", 1)[0].strip().split(".")[0] != "eval" for o in args.overrides):
+        raise ConfigError(f"cilab evaluate takes eval.* overrides only (the rest is the run's), got "
+                          f"{' '.join(args.overrides)}")
     cfg = build_config(str(args.run / results.CONFIG), list(args.overrides))
     before = results.read_metrics(args.run) if results.is_complete(args.run) else {}
     meta = {"preset": before.get("preset"), "overrides": [*(before.get("overrides") or []), *args.overrides]}

@@ -242,14 +242,6 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
     return specs
 
 
-def _dotted(d: dict, prefix: str = "") -> dict[str, object]:
-    """A nested config dict as {"section.key": value}."""
-    out = {}
-    for k, v in d.items():
-        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v})
-    return out
-
-
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
@@ -265,8 +257,8 @@ def _refuse_identical_runs(group: str, specs: list[RunSpec], own_cfgs: dict[str,
     if not twins:
         return
     first, *more = [_and([r.name for r in runs]) for runs in twins]
-    a, b = (_dotted(own_cfgs[r.name].to_dict()) for r in twins[0][:2])
-    varied = [k for k in a if a[k] != b.get(k)]  # what the group's own settings make them differ in
+    a, b = (own_cfgs[r.name].to_dict() for r in twins[0][:2])
+    varied = [k for k, _, _ in runfolder.config_differences(a, b)]  # what the group's own settings make them differ in
     culprits = [o for o in user if any(k == _key(o) or k.startswith(_key(o) + ".") for k in varied)]
     if not culprits:
         raise ConfigError(f"group '{group}': {first} have the same config; give each run of the group settings "
@@ -314,24 +306,31 @@ def _identity(spec: RunSpec) -> tuple:
 def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = None, *, groups: dict | None = None,
                seeds: list[int] | None = None, overwrite: bool = False, check_data: bool = True) -> list[RunSpec]:
     """Several groups planned as one (:func:`plan` for each; one group too). Two kinds of runs
-    are not trained again, only where their folder is new (a complete or half-done one keeps its own):
+    are not trained again where their folder is not complete (a complete one is kept), from a
+    complete run of the plan where there is one, else from the first:
 
-    - a run that an earlier one of the plan is (same preset, overrides and config: the study's
-      iCaRL runs are in five groups): action "copy", its folder a copy of the first's;
-    - a run that trains as an earlier one does and differs only in its classifiers (iCaRL's
+    - a run that another one of the plan is (same preset, overrides and config: the study's
+      iCaRL runs are in five groups): action "copy", its folder a copy of the other's;
+    - a run that trains as another one does and differs only in its classifiers (iCaRL's
       hybrid1, the classifier ablation; :func:`cilab.reevaluate.trains_like`): action
-      "evaluate", the first's checkpoints evaluated again with its own classifiers.
+      "evaluate", the other's checkpoints evaluated again with its own classifiers.
     """
     groups = load_groups() if groups is None else groups
     specs = [s for name in names
              for s in plan(name, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite, check_data=False)]
+    # The source of each identity and of each training: a complete run where there is one (nothing
+    # to train), else the first in plan order.
     first: dict[tuple, RunSpec] = {}
-    trainers: dict[str, RunSpec] = {}  # training_key -> the first run that trains so
+    trainers: dict[str, RunSpec] = {}
+    for spec in sorted(specs, key=lambda s: s.action != "skip"):  # stable: plan order otherwise
+        first.setdefault(_identity(spec), spec)
+        trainers.setdefault(training_key(spec.cfg), spec)
     for i, spec in enumerate(specs):
-        twin = first.setdefault(_identity(spec), spec)
-        trainer = trainers.setdefault(training_key(spec.cfg), spec)
-        if spec.action not in ("new", "overwrite"):
+        if spec.action == "skip":
             continue
+        # A half-done folder of a run that another one provides (a copy or an evaluation cut
+        # short) is made again from it, not trained on.
+        twin, trainer = first[_identity(spec)], trainers[training_key(spec.cfg)]
         if twin is not spec:
             specs[i] = replace(spec, action="copy", source=twin)
         elif trainer is not spec:
@@ -510,7 +509,7 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     ``gpus_per_run``, ``cpus_per_run``) choose where the runs happen.
     """
     groups = load_groups() if groups is None else groups
-    names = group_names(group, groups) if isinstance(group, str) else list(group)
+    names = group_names(group, groups) if isinstance(group, str) else list(dict.fromkeys(group))
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
     todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
@@ -676,7 +675,8 @@ def cmd_reproduce(args) -> int:
                 print(f"== {group}")
             print_summary(one)
     failed = [r for r in res if r.failed]
-    counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "copied", "skipped", "failed")}
+    counts = {k: sum(r.status == k for r in res) for k in ("done", "resumed", "copied", "evaluated", "skipped",
+                                                           "failed")}
     print(f"{len(res)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     for r in failed:
         print(f"FAILED {r.spec.name if len(names) == 1 else r.spec.label} ({r.spec.folder}): {r.error}",

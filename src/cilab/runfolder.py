@@ -429,16 +429,24 @@ def config_conflict(out: Path, cfg) -> str | None:
     return None
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> str:
+_MISSING = "(not set)"
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in ``a``, value in ``b``) for every key where two config dicts differ;
+    a key only one of them has (a method's own settings) shows as "(not set)" on the other side."""
     diffs = []
-    for k in a:
-        if isinstance(a[k], dict):
-            d = config_diff(a[k], b[k], prefix + k + ".")
-            if d:
-                diffs.append(d)
-        elif a[k] != b[k]:
-            diffs.append(f"{prefix}{k}: {a[k]!r} saved, {b[k]!r} now")
-    return "; ".join(diffs)
+    for k in dict.fromkeys([*a, *b]):
+        x, y = a.get(k, _MISSING), b.get(k, _MISSING)
+        if isinstance(x, dict) and isinstance(y, dict):
+            diffs += config_differences(x, y, prefix + k + ".")
+        elif x != y:
+            diffs.append((prefix + k, x, y))
+    return diffs
+
+
+def config_diff(a: dict, b: dict) -> str:
+    return "; ".join(f"{k}: {x!r} saved, {y!r} now" for k, x, y in config_differences(a, b))
 
 
 @contextlib.contextmanager
