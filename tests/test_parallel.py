@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from cilab import cli, executors, reproduce as rp, results
+from cilab import cli, executors, reproduce as rp, results, runfolder
 from cilab.config import ConfigError
 from cilab.executors import LocalExecutor, make_executor
 from cilab.reproduce import reproduce
@@ -102,6 +102,22 @@ def test_jobs_2_gives_the_numbers_of_one_run_after_another(tmp_path, overrides, 
     io = capsys.readouterr()
     assert "2 skipped, 1 failed" in io.out and f"FAILED {BAD}" in io.err
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_jobs_2_evaluates_in_workers_two_at_once_from_one_source(tmp_path, overrides, reference, monkeypatch):
+    """The hybrid and the kNN variant of iCaRL read one trainer's checkpoints: both are handed to
+    workers once it is over (evaluating here, in the command's process, fails), sharing its lock."""
+    groups = {"par": {"runs": [{"preset": "icarl", "seeds": [0]},
+                               {"preset": "icarl", "tag": "hybrid1", "seeds": [0], "overrides": ["eval.classifiers=[fc]"]},
+                               {"preset": "icarl", "tag": "knn", "seeds": [0], "overrides": ["eval.classifiers=[nme,knn]"]}]}}
+    monkeypatch.setattr(rp, "evaluate_run", lambda *a, **k: pytest.fail("evaluated in the command's process"))
+    res, _ = reproduce("par", tmp_path, overrides, groups=groups, progress=False, report=False, jobs=2, threads=1)
+    assert [(r.spec.name, r.status) for r in res] == [
+        ("icarl-s0", "done"), ("icarl-hybrid1-s0", "evaluated"), ("icarl-knn-s0", "evaluated")]
+    assert numbers(tmp_path / "par" / "icarl-s0") == reference["icarl-s0"]
+    icarl, hybrid, knn = (results.read_metrics(r.spec.folder) for r in res)
+    assert hybrid["fc"] == icarl["fc"] and knn["nme"] == icarl["nme"] and knn["classifiers"] == ["nme", "knn"]
+    assert not (tmp_path / "par" / "icarl-s0" / runfolder.LOCK).exists()  # the last reader removed it
 
 
 def probe(spec: RunSpec) -> RunResult:
@@ -194,4 +210,17 @@ def test_ray_executor_gives_the_same_numbers(tmp_path, overrides, reference, loc
                          executor="ray", cpus_per_run=1, threads=1)
     check_group(tmp_path / "par", res, reference)
     assert {r["variant"] for r in rep.rows} == {"icarl"}
+
+    # work that becomes ready while the executor runs (an evaluation once its trainer is over) is
+    # picked up: here copies, as Ray tasks, the second appended when the first ends
+    good = res[0].spec
+    specs = [RunSpec("c", "one", "one", "icarl", 0, [], good.cfg, tmp_path / "c" / "one", "copy", source=good)]
+    events = []
+    for kind, item in make_executor("ray", cpus_per_run=1, threads=1)(specs, rp.run_one):
+        events.append((kind, (item if kind == "start" else item.spec).name, getattr(item, "status", None)))
+        if kind == "end" and len(specs) == 1:
+            specs.append(RunSpec("c", "two", "two", "icarl", 0, [], good.cfg, tmp_path / "c" / "two", "copy",
+                                 source=good))
+    assert events == [("start", "one", None), ("end", "one", "copied"), ("start", "two", None), ("end", "two", "copied")]
+    assert numbers(tmp_path / "c" / "two") == reference["icarl-s0"]
     assert local_ray.is_initialized()  # a Ray the caller started is left running

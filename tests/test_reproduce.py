@@ -428,6 +428,40 @@ def test_run_all_hands_runs_at_once_to_the_executor_longest_first_and_one_at_a_t
         assert [r.spec.name for r in res] == ["finetune-s0", "joint-s0", "icarl-s0"]  # results in plan order
 
 
+def test_evaluations_are_handed_to_the_executor_once_their_trainer_is_over(tmp_path):
+    """An evaluation runs where runs run (a worker with its GPU, a Ray task), not in the command's own
+    process, and only after the run whose checkpoints it reads; a copy (file work) stays here."""
+    from cilab.reproduce import plan_study, run_all
+    from cilab.runspec import RunResult
+
+    class Recording:  # runs nothing; remembers what it was handed and when
+        in_process, active = False, "running"
+
+        def __init__(self):
+            self.events = []
+
+        def __call__(self, specs, work):
+            for spec in specs:  # run_all appends to specs while this runs
+                self.events.append(("start", spec.label))
+                yield "start", spec
+                self.events.append(("end", spec.label))
+                yield "end", RunResult(spec, "evaluated" if spec.action == "evaluate" else "done")
+
+    groups = {"a": {"runs": [{"preset": "icarl", "seeds": [0]}, {"preset": "finetune", "seeds": [0]},
+                             {"preset": "icarl", "tag": "hybrid1", "seeds": [0],
+                              "overrides": ["eval.classifiers=[fc]"]}]},
+              "b": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
+    specs = plan_study(["a", "b"], tmp_path, [], groups=groups, check_data=False)
+    assert [s.action for s in specs] == ["new", "new", "evaluate", "copy"]
+    executor = Recording()
+    res = run_all(specs, executor=executor, progress=False, log=lambda _: None)
+    assert executor.events == [("start", "a/icarl-s0"), ("end", "a/icarl-s0"), ("start", "a/finetune-s0"),
+                               ("end", "a/finetune-s0"), ("start", "a/icarl-hybrid1-s0"),
+                               ("end", "a/icarl-hybrid1-s0")]
+    assert [r.status for r in res][:3] == ["done", "done", "evaluated"]
+    assert res[3].error.startswith("could not copy")  # tried here: the fake trainer wrote nothing to copy
+
+
 def test_group_names_all_several_and_unknown():
     from cilab.reproduce import group_names
 

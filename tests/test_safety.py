@@ -367,6 +367,57 @@ def test_a_lock_held_for_a_dead_pid_is_stale(tmp_path):
         os.close(orphan)
 
 
+def test_readers_share_a_run_folders_lock_and_keep_writers_out(tmp_path):
+    """Two evaluations (or copies) read one source at once; a run that would write it waits
+    for both; the last reader out removes the lock file, as a writer does."""
+    from cilab import runfolder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    first = runfolder.RunLock(folder, shared=True).acquire(wait=0)
+    second = runfolder.RunLock(folder, shared=True).acquire(wait=0)  # the exclusive lock took 1 s, then refused
+    with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
+        runfolder.RunLock(folder).acquire(wait=0)
+    assert runfolder.holder(folder) is None  # read, not written: nobody to name as its writer
+    first.release()
+    assert (folder / runfolder.LOCK).exists()  # the second reader still holds it
+    with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
+        runfolder.RunLock(folder).acquire(wait=0)
+    second.release()
+    assert not (folder / runfolder.LOCK).exists()
+    with runfolder.RunLock(folder):  # free again for a writer, which keeps readers out
+        with pytest.raises(runfolder.RunFolderError, match=f"in use by another cilab run \\(pid {os.getpid()}"):
+            runfolder.RunLock(folder, shared=True).acquire(wait=0)
+
+
+def test_a_reader_needs_no_lock_file_in_a_folder_it_cannot_write(tmp_path, monkeypatch):
+    """A source on a read-only mount (or another user's folder) is read without a lock file when it
+    has none: no run of ours can be writing there; a writer is still refused in one line."""
+    import errno
+
+    from cilab import runfolder
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if str(path).startswith(str(folder)) and flags & (os.O_CREAT | os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(runfolder.os, "open", read_only_open)
+    with runfolder.RunLock(folder, shared=True) as lock:
+        assert lock.fd is None
+    with pytest.raises(runfolder.RunFolderError, match="cannot create the lock .*Read-only file system"):
+        runfolder.RunLock(folder).acquire()
+    monkeypatch.setattr(runfolder.os, "open", real_open)
+    (folder / runfolder.LOCK).write_text("")  # a lock file there (left by its writer): read-only, still locked
+    monkeypatch.setattr(runfolder.os, "open", read_only_open)
+    with runfolder.RunLock(folder, shared=True) as lock:
+        assert lock.fd is not None
+
+
 def test_reproduce_refuses_a_locked_run_folder_even_with_overwrite(tiny_run, tmp_path, ov):
     from cilab import runfolder
     from cilab.reproduce import plan

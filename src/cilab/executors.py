@@ -15,10 +15,15 @@ from typing import Callable, Iterator
 from .errors import ConfigError
 from .runspec import RunResult, RunSpec
 
-# An executor is called with the runs to train (never the skipped, copied or evaluated ones) and
-# ``work``, the picklable function that does one (run_one with its options),
+# An executor is called with ``specs``, the runs to train or evaluate (never the skipped or
+# copied ones), and ``work``, the picklable function that does one (run_one with its options),
 # and yields ("start", spec) when it hands a run to a worker and
 # ("end", RunResult) when the run is over, in whatever order runs finish.
+# ``specs`` grows while the executor runs: while it handles an "end", run_all
+# appends the runs that were waiting for that one (evaluations of its
+# checkpoints). So an executor takes runs from ``specs`` in order, looks again
+# after every "end" it yields, and is done when it has started every run in
+# ``specs`` and none is still running.
 # Planning, skipping, the progress bar, the result lines, failures and the
 # report are run_all's and reproduce's, the same code for every executor, so
 # a group gives the same run folders whichever way it ran. Executors are built
@@ -159,7 +164,7 @@ class LocalExecutor:
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
-            for spec in specs:
+            for spec in specs:  # a list's iterator also yields what is appended to it meanwhile
                 yield "start", spec
                 yield "end", work(spec)
         finally:
@@ -171,14 +176,17 @@ class LocalExecutor:
 
         ctx = multiprocessing.get_context("spawn")
         gpus = visible_gpus()
-        threads = self.threads or max(1, cpu_count() // min(self.jobs, len(specs)))
-        queue, live = list(specs), {}  # slot -> (process, its result pipe, spec, start time)
+        started, live = 0, {}  # runs of specs handed out; slot -> (process, its result pipe, spec, start time)
         try:
-            while queue or live:
+            while started < len(specs) or live:
                 for slot in range(self.jobs):
-                    if slot in live or not queue:
+                    if slot in live or started == len(specs):
                         continue
-                    spec = queue.pop(0)
+                    # the cores shared by the runs that will run beside this one, as far as known now
+                    at_once = min(self.jobs, len(live) + len(specs) - started)
+                    threads = self.threads or max(1, cpu_count() // at_once)
+                    spec = specs[started]
+                    started += 1
                     env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus else {}
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_process_main, args=(send, work, spec, threads, env),
@@ -257,12 +265,14 @@ class RayExecutor:
             # the GPU Ray gave this task and frees the GPU memory when done.
             task = ray.remote(num_cpus=self.cpus_per_run, num_gpus=gpus, max_calls=1)(_in_worker)
             threads, cwd = self.threads or max(1, int(self.cpus_per_run)), os.getcwd()
-            for spec in specs:
-                ref = task.options(name=f"cilab {spec.name}").remote(work, spec, threads, None, cwd)
-                refs[ref] = spec
-                pending.append(ref)
-                yield "start", spec  # handed to the cluster; Ray starts it once a node has its resources free
-            while pending:
+            while len(refs) < len(specs) or pending:
+                for spec in specs[len(refs):]:  # all at once: Ray queues what has no free resources
+                    ref = task.options(name=f"cilab {spec.name}").remote(work, spec, threads, None, cwd)
+                    refs[ref] = spec
+                    pending.append(ref)
+                    yield "start", spec  # handed to the cluster; Ray starts it once a node has its resources free
+                if not pending:
+                    break
                 [ref], pending = ray.wait(pending, num_returns=1)
                 try:
                     res = ray.get(ref)

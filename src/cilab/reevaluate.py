@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from . import results, runfolder
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError, config_from_dict, deep_merge, overrides_to_dict
 from .data import Scenario
 from .experiment import Protocol, Runtime, load_run_data
 from .results import RunFolderError
@@ -64,8 +63,8 @@ def trains_like(cfg: Config, other: Config) -> bool:
 
 
 def source_config(source: Path) -> Config:
-    data = yaml.safe_load((Path(source) / results.CONFIG).read_text()) or {}
-    return config_from_dict(data)
+    """The config ``source``'s run computed with (keys added to cilab since: as it computed them)."""
+    return runfolder.read_config(source)
 
 
 def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -92,7 +91,7 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
         scenario = Scenario.for_run(cfg, data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    with runfolder.claim(out, cfg, False, overwrite, log), runfolder.RunLock(source):
+    with runfolder.claim(out, cfg, False, overwrite, log), runfolder.RunLock(source, shared=True):
         results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
         with runtime.applied():
             protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)
@@ -145,14 +144,12 @@ def add_parser(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .config import build_config
-
     if not (args.run / results.CONFIG).is_file():
         raise RunFolderError(f"{args.run} is not a run folder (no {results.CONFIG}); give a folder `cilab run` wrote")
     if any(o.split("=", 1)[0].strip().split(".")[0] != "eval" for o in args.overrides):
         raise ConfigError(f"cilab evaluate takes eval.* overrides only (the rest is the run's), got "
                           f"{' '.join(args.overrides)}")
-    cfg = build_config(str(args.run / results.CONFIG), list(args.overrides))
+    cfg = config_from_dict(deep_merge(source_config(args.run).to_dict(), overrides_to_dict(list(args.overrides))))
     before = results.read_metrics(args.run) if results.is_complete(args.run) else {}
     meta = {"preset": before.get("preset"), "overrides": [*(before.get("overrides") or []), *args.overrides]}
     m = evaluate_run(cfg, args.run, args.out, overwrite=args.overwrite, meta=meta)

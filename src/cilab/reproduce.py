@@ -445,25 +445,27 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
     for s in specs:
         if s.action in ("copy", "evaluate"):
             copies.setdefault(s.source.folder, []).append(s)
+    todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
+    if todo and not executor.in_process:
+        todo = longest_first(todo)  # runs at once: the long ones must not be left for last
     with tqdm(total=len(specs), desc=groups[0] if len(groups) == 1 else "study", unit="run", position=0,
               disable=not progress, dynamic_ncols=True) as bar:
         def finished(res: RunResult) -> None:
             done[res.spec.folder] = res
             bar.update(1)
             log(_result_line(res, len(done), len(specs), name))
-            # Here, in this process: a copy is file work, an evaluation a run's evaluations without
-            # its training (seconds to a minute; the runs in workers go on meanwhile).
             for twin in copies.pop(res.spec.folder, []):
                 verb = "copied" if twin.action == "copy" else "evaluated"
-                finished(RunResult(twin, "failed", error=f"not {verb}: {res.spec.label} failed") if res.failed
-                         else run_one(twin, log=log))
+                if res.failed:
+                    finished(RunResult(twin, "failed", error=f"not {verb}: {res.spec.label} failed"))
+                elif twin.action == "copy":
+                    finished(run_one(twin, log=log))  # file work: here, at once
+                else:  # the executor's: its GPU and threads, not this process's
+                    todo.append(twin)
 
         for spec in specs:  # complete runs are read here: no worker, no cluster needed for them
             if spec.action == "skip":
                 finished(run_one(spec))
-        todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
-        if todo and not executor.in_process:
-            todo = longest_first(todo)  # runs at once: the long ones must not be left for last
         if todo:
             with contextlib.closing(executor(todo, work)) as events:
                 for kind, item in events:

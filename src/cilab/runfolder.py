@@ -17,7 +17,9 @@
   dies, so a lock left by a killed run is stale by construction; a lock whose
   recorded pid is dead on this host is stale too (a forked child could have
   inherited the descriptor). The lock file is removed when a run ends; one
-  that is left over means the run was killed.
+  that is left over means the run was killed. Runs that only read a folder
+  (an evaluation from its checkpoints, a copy) share the lock: several at
+  once, and no writer meanwhile.
 
 This module must not import experiment.py (it is imported by it).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -135,7 +138,7 @@ def copy_run(src: Path, dst: Path) -> None:
     checkpoint."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    with RunLock(src), RunLock(dst):
+    with RunLock(src, shared=True), RunLock(dst):
         clear(dst)
         files = [f for f in cilab_files(src) if f.name != LOCK and not _is_temp(f)]
         for f in sorted(files, key=lambda f: f.name == results.METRICS):  # metrics.json, which says "complete", last
@@ -239,23 +242,44 @@ def holder(folder: Path) -> LockInfo | None:
 
 
 class RunLock:
-    """The exclusive lock of one run folder: ``acquire()`` ... ``release()`` (or ``with``)."""
+    """The lock of one run folder: ``acquire()`` ... ``release()`` (or ``with``).
 
-    def __init__(self, folder: Path):
+    Exclusive (the default) for a run that writes the folder; ``shared`` for one that
+    only reads it (an evaluation from its checkpoints, a copy): readers share it, so two
+    evaluations of one source run at once, and a writer waits for all of them. A reader
+    writes nothing into the lock file (there may be several) and, in a folder it cannot
+    write (a read-only mount, another user's results) that has no lock file, reads without
+    one: no cilab of this user can be writing there either.
+    """
+
+    def __init__(self, folder: Path, shared: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / LOCK
+        self.shared = shared
         self.fd: int | None = None
+
+    def _open(self) -> int | None:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            if not (self.shared and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise RunFolderError(f"cannot create the lock {self.path} ({e.strerror or e}); choose another --out "
+                                     "or fix its permissions") from None
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RunFolderError(f"cannot open the lock {self.path} ({e.strerror or e}); fix its permissions") from None
 
     def acquire(self, wait: float = LOCK_WAIT_S) -> "RunLock":
         deadline = time.monotonic() + wait
         while True:
+            fd = self._open()
+            if fd is None:  # a reader in a folder it cannot write, without a lock file (see the class)
+                return self
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except OSError as e:
-                raise RunFolderError(f"cannot create the lock {self.path} ({e.strerror or e}); choose another --out "
-                                     "or fix its permissions") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 info = _read_fd(fd)
                 if info is not None and info.dead_here():
@@ -270,7 +294,7 @@ class RunLock:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                who = info.describe() if info else "a process that has not written its pid yet"
+                who = info.describe() if info else "a process reading it, or one that has not written its pid yet"
                 raise RunFolderError(
                     f"{self.folder} is in use by another cilab run ({who}); two runs must not write one folder. "
                     "Wait for it to finish, stop it, or choose another --out"
@@ -287,18 +311,25 @@ class RunLock:
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, LockInfo.mine().text().encode(), 0)
-            os.fsync(fd)
+            if not self.shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, LockInfo.mine().text().encode(), 0)
+                os.fsync(fd)
             self.fd = fd
             return self
 
     def release(self) -> None:
         if self.fd is None:
             return
+        # The file goes with its last holder: a reader that others still share it with leaves it.
         # Removed while still held: whoever opened it meanwhile sees another inode and retries.
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        try:
+            last = not self.shared or fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB) is None
+        except OSError:
+            last = False
+        if last:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
 
@@ -410,23 +441,37 @@ def config_conflict(out: Path, cfg) -> str | None:
 
     The one comparison for ``cilab run --resume`` and ``cilab reproduce``: the ``log``
     section is left out, since tracking may be switched on for the rest of a run."""
-    import yaml
+    from .config import ConfigError
 
-    from .config import ConfigError, config_from_dict
-
-    saved = out / results.CONFIG
-    if not saved.exists():
+    if not (out / results.CONFIG).exists():
         return None  # marked but killed before its config was written: nothing to lose
     try:
-        data = yaml.safe_load(saved.read_text()) or {}
-        if not isinstance(data, dict):
-            return f"its {results.CONFIG} is not a valid config (it holds a {type(data).__name__}, not a mapping)"
-        old = config_from_dict(data)
-    except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
-        return f"its {results.CONFIG} is not a valid config ({e})"
+        old = read_config(out)
+    except ConfigError as e:
+        return str(e)
     if dataclasses.replace(old, log=cfg.log) != cfg:
         return f"its config differs ({config_diff(old.to_dict(), cfg.to_dict())})"
     return None
+
+
+def read_config(folder: Path):
+    """The config the run in ``folder`` computed with (:func:`cilab.config.saved_config`: its
+    config.yaml, keys added to cilab since read as the run computed them); ConfigError naming
+    the file when it is unreadable, OlderRunError when no setting of this cilab reproduces it."""
+    import yaml
+
+    from .config import ConfigError, OlderRunError, saved_config
+
+    path = Path(folder) / results.CONFIG
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"it holds a {type(data).__name__}, not a mapping")
+        return saved_config(data)
+    except OlderRunError:
+        raise
+    except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"its {results.CONFIG} is not a valid config ({e})") from None
 
 
 _MISSING = "(not set)"
