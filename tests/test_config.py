@@ -129,3 +129,67 @@ def test_a_saved_config_loads_back_to_the_same_config_and_refuses_a_bad_one():
     d["train"]["lr"] = -1
     with pytest.raises(ConfigError, match="'train.lr' must be > 0"):
         config_from_dict(d)
+
+
+def _saved(tmp_path, name: str, data: dict):
+    import yaml
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+@pytest.mark.parametrize("preset, key, before, now", [
+    ("derpp", "store_logits", "eval", "train"),  # eval-mode logits until d2e94f8
+    ("ewc", "normalize_fisher", False, True),  # the raw Fisher until fec3475
+])
+def test_a_saved_config_without_a_key_added_since_is_read_as_the_run_computed_it(tmp_path, preset, key, before, now):
+    """config.yaml holds every key, so one it lacks was added to cilab after the run: the run
+    computed what the key's old value computes, not its new default (a resume would change method
+    in mid-run, a report would name the wrong variant)."""
+    from cilab import runfolder
+
+    cfg = build_config(preset)
+    assert cfg.method_args[key] == now
+    data = cfg.to_dict()
+    del data["method_args"][key]
+    folder = _saved(tmp_path, preset, data)
+    assert runfolder.read_config(folder).method_args[key] == before
+    assert runfolder.config_conflict(folder, cfg) == (
+        f"its config differs (method_args.{key}: {before!r} saved, {now!r} now)")
+    assert runfolder.config_conflict(folder, build_config(preset, [f"method_args.{key}={before}"])) is None
+    # a key the saved config has is its own value, whatever the old default
+    data["method_args"][key] = now
+    assert runfolder.read_config(_saved(tmp_path, preset + "-new", data)).method_args[key] == now
+
+
+@pytest.mark.parametrize("change", ["no fc_scope", "di batch 0"])
+def test_a_saved_config_that_no_setting_reproduces_is_refused_naming_why(tmp_path, change):
+    """Written before NME took flipped exemplars (no eval.fc_scope) or before DeepInversion's
+    fixed chunks (memory.deepinversion.batch_size=0): not a run this cilab can resume or evaluate."""
+    from cilab import reevaluate, runfolder
+
+    cfg = build_config("icarl")
+    data = cfg.to_dict()
+    if change == "no fc_scope":
+        del data["eval"]["fc_scope"]
+        evidence = "it has no eval.fc_scope"
+    else:
+        data["memory"]["deepinversion"]["batch_size"] = 0
+        evidence = "memory.deepinversion.batch_size is 0"
+    folder = _saved(tmp_path, "old", data)
+    problem = runfolder.config_conflict(folder, cfg)
+    assert problem.startswith(f"an older cilab wrote it ({evidence}), one that computed")
+    assert "no setting of this one reproduces its numbers" in problem
+    with pytest.raises(ConfigError, match=r"an older cilab wrote it"):
+        reevaluate.source_config(folder)
+
+
+def test_absent_means_must_name_settings_of_the_method():
+    from cilab.methods.base import Method, register
+
+    with pytest.raises(TypeError, match=r"method bad-absent: absent_means names \['nope'\], not settings of its Args"):
+        @register("bad-absent")
+        class Bad(Method):
+            absent_means = {"nope": 1}

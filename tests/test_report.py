@@ -131,6 +131,28 @@ def test_tsne_reads_the_checkpoints(real_runs):
         assert np.isfinite(panel["xy"]).all() and panel["xy"].std() > 0
 
 
+def test_a_run_an_older_cilab_wrote_is_reported_from_its_metrics_without_a_tsne(real_runs, tmp_path):
+    """No setting of this cilab reproduces it (no eval.fc_scope in its config.yaml): its numbers are
+    reported as it computed them; the figures rebuilt from its checkpoints are left out, saying why."""
+    import shutil
+
+    import yaml
+
+    _, folders = real_runs
+    old = tmp_path / "old" / "icarl-s0"
+    shutil.copytree(folders[0], old)
+    data = yaml.safe_load((old / results.CONFIG).read_text())
+    del data["eval"]["fc_scope"]
+    (old / results.CONFIG).write_text(yaml.safe_dump(data))
+    rep = make_report([old], tmp_path / "report", exemplars_per_class=2)
+    m = results.read_metrics(folders[0])
+    row = next(r for r in read_summary(tmp_path / "report" / "summary.csv") if r["classifier"] == "nme")
+    assert float(row["final_acc_mean"]) == pytest.approx(m["nme"]["accuracy"][-1], abs=1e-5)
+    notes = "\n".join(rep.notes)
+    assert "t-SNE of icarl-s0: not drawn (OlderRunError: an older cilab wrote it (it has no eval.fc_scope)" in notes
+    assert "exemplar grid of icarl-s0" in notes and "an older cilab wrote it" in notes
+
+
 def test_grouping_ignores_seed_and_override_spelling(tmp_path):
     accs = {0: [80.0, 60.0, 50.0], 1: [82.0, 58.0, 47.0], 2: [79.0, 61.0, 44.0]}
     # the same variant, overrides written in another order and spelling

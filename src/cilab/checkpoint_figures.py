@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from . import results
+from . import results, runfolder
 from .errors import ReportError
 
 TSNE_CLASSES = 5  # "Five class of the first task are chosen" (the study, figure 4)
@@ -26,12 +25,11 @@ class RunState:
     def __init__(self, run, device, datasets: dict):
         import torch
 
-        from .config import config_from_dict
         from .data import Scenario, load_dataset
         from .data.loader import Normalizer
 
         self.run, self.device = run, device
-        self.cfg = config_from_dict(yaml.safe_load((run.path / results.CONFIG).read_text()) or {})
+        self.cfg = runfolder.read_config(run.path)
         key = repr(self.cfg.data)
         if key not in datasets:
             datasets[key] = load_dataset(self.cfg.data)

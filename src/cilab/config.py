@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 
-from .errors import ConfigError  # noqa: F401  (re-exported: cilab.config.ConfigError is public)
+from .errors import ConfigError, OlderRunError  # noqa: F401  (re-exported: cilab.config.ConfigError is public)
 from .classifiers import CLASSIFIERS, FC_SCOPES
 from .data.datasets import DATASETS
 from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
@@ -305,6 +305,41 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+# -- run folders written by an older cilab --------------------------------------------------
+# A run folder's config.yaml holds every key (to_dict; method_args completed by validate), so a
+# key it lacks was added to cilab after the run was written. Where the run computed what one
+# value of the new key computes, it is read with that value (a method's own keys:
+# Method.absent_means), not the new default. Where no value does, the folder is refused: its
+# metrics.json still says what it computed, but it is not a run this cilab can resume, copy or
+# evaluate again. Evidence of such a folder: (test on the saved mapping, the evidence in words).
+_OLDER_THAN_EVERY_SETTING = (
+    # before ead4b93: NME's class means without the flipped exemplars, the fc's arg-max over
+    # the seen classes, features in the autocast dtype
+    (lambda d: isinstance(d.get("eval"), dict) and "fc_scope" not in d["eval"], "it has no eval.fc_scope"),
+    # before 0f89dea: DeepInversion's objective otherwise, and (older still) the loss pairs' scales
+    (lambda d: isinstance(d.get("memory"), dict) and isinstance(d["memory"].get("deepinversion"), dict)
+     and d["memory"]["deepinversion"].get("batch_size") == 0, "memory.deepinversion.batch_size is 0"),
+)
+
+
+def saved_config(data: dict[str, Any]) -> Config:
+    """A run folder's saved config (its config.yaml as a mapping) -> the config the run computed
+    with; OlderRunError for one that no setting of this cilab reproduces (see above),
+    ConfigError for an invalid one."""
+    for written_before, evidence in _OLDER_THAN_EVERY_SETTING:
+        if written_before(data):
+            raise OlderRunError(
+                f"an older cilab wrote it ({evidence}), one that computed NME, the fc classifier, the loss "
+                "pairs or DeepInversion otherwise; no setting of this one reproduces its numbers, so it cannot "
+                "be resumed, copied or evaluated again: its metrics.json still reports them; rerun it with "
+                "--overwrite or into another folder")
+    data = copy.deepcopy(data)
+    method = METHODS[data["method"]] if data.get("method") in METHODS else None
+    if method is not None and method.absent_means and isinstance(data.get("method_args", {}), dict):
+        data["method_args"] = {**method.absent_means, **data.get("method_args", {})}
+    return config_from_dict(data)
 
 
 # ---------------------------------------------------------------------------

@@ -9,5 +9,9 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key and how to fix it."""
 
 
+class OlderRunError(ConfigError):
+    """A run folder written by an older cilab whose numbers no setting of this one reproduces."""
+
+
 class ReportError(RuntimeError):
     """Run folders that cannot make a report (or a figure of one); the message names the folder."""

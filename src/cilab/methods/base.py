@@ -55,6 +55,9 @@ def register(name: str):
         if cls.trains_on not in TRAINS_ON:
             raise TypeError(f"method {name}: trains_on = {cls.trains_on!r}; it must be "
                             f"{' or '.join(map(repr, TRAINS_ON))}")
+        foreign = set(cls.absent_means) - {f.name for f in dataclasses.fields(cls.Args)}
+        if foreign:
+            raise TypeError(f"method {name}: absent_means names {sorted(foreign)}, not settings of its Args")
         cls.name = name
         return METHODS.register(name)(cls)
 
@@ -121,6 +124,10 @@ class Method:
     # Limits on the method's settings, checked by ``check`` before any work:
     # {"key": "> 0" | ">= 0" | "in (0, 1)" | ("choice", "choice", ...)}.
     limits: ClassVar[dict] = {}
+    # Settings added after the method, with the value that computes what it did before them:
+    # {"key": value}. A run folder's config.yaml lacking one was written before it existed, so
+    # it is read with this value, not the new default (config.saved_config).
+    absent_means: ClassVar[dict] = {}
 
     def __init__(self, args: Any = None):
         self.args = args if args is not None else self.Args()

@@ -72,6 +72,7 @@ class DERpp(Method):
     uses_memory = True
 
     limits = {"alpha": ">= 0", "beta": ">= 0", "store_logits": ("train", "eval")}
+    absent_means = {"store_logits": "eval"}  # what cilab stored before the setting (d2e94f8)
 
     def __init__(self, args=None):
         super().__init__(args)

@@ -47,6 +47,7 @@ class EWC(Method):
     Args = EWCArgs
     own_loss = True  # CE + the Fisher penalty
     limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0"}
+    absent_means = {"normalize_fisher": False}  # the raw Fisher, as cilab had it before the setting (fec3475)
 
     def __init__(self, args=None):
         super().__init__(args)
