@@ -31,7 +31,7 @@
 #                       once (default 8) under an MPS daemon where one starts (study.json's "mps" says), every run cut to 1 epoch a
 #                       task on random CIFAR-shaped data (GPU_SH_STUDY_PER_CLASS training images a class,
 #                       default 50; DeepInversion 20 iterations): every method's CUDA path, the copies of
-#                       shared runs and the reports; study.json has each run's status and times
+#                       shared runs and the reports; study.json has every planned run's status ("missing" without metrics.json) and times
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
 # JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
@@ -171,15 +171,16 @@ np.savez(sys.argv[1], x_train=r.integers(0, 256, (100 * n, 32, 32, 3), dtype=np.
         data.name=npz "data.path=$dir/data.npz" "$@"
     local rc=$?
     "$py" -c 'import json, sys; from pathlib import Path
+from cilab.bench import study_images
 from cilab.executors import mps_running
-runs, seen = [], {}
-for f in sorted(Path(sys.argv[1]).glob("*/*/metrics.json")):
-    m, name = json.loads(f.read_text()), f"{f.parent.parent.name}/{f.parent.name}"
-    copy_of = seen.setdefault(f.read_bytes(), name)  # a copied run folder: byte-identical metrics, timings and all
-    runs.append({"run": name, "copy_of": None if copy_of == name else copy_of,
-                 "evaluated_from": m.get("evaluated_from"), "status": m.get("status"),
-                 "device": m.get("device"), "cuda_graphs": m.get("cuda_graphs"), "train_images": m.get("train_images"),
-                 **m.get("timing", {})})
+runs = []
+# every run the plan had (a run that failed before writing metrics.json is listed too, "missing")
+for r in study_images(seeds=[0], overrides=sys.argv[7:]):
+    f = Path(sys.argv[1]) / r["group"] / r["name"] / "metrics.json"
+    m = json.loads(f.read_text()) if f.exists() else {"status": "missing: no metrics.json"}
+    runs.append({"run": r["group"] + "/" + r["name"], "copy_of": r["copy_of"], "evaluated_from": r["evaluated_from"],
+                 "status": m.get("status"), "device": m.get("device"), "cuda_graphs": m.get("cuda_graphs"),
+                 "train_images": m.get("train_images"), **m.get("timing", {})})
     runs[-1].pop("per_task", None)
 json.dump({"wall_s": int(sys.argv[3]), "rc": int(sys.argv[4]), "jobs": int(sys.argv[5]), "per_class": int(sys.argv[6]),
            "mps": mps_running(),

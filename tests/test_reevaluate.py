@@ -95,6 +95,35 @@ def test_only_a_config_that_trains_alike_is_evaluated_and_nothing_is_written_oth
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt(), "interrupted"), (RuntimeError("boom"), "failed: boom")])
+def test_an_evaluation_cut_short_says_so_and_keeps_its_evaluated_tasks(runs, tmp_path, monkeypatch, stop, status):
+    """As a run does: metrics.json, from the last task saved, says why it stopped (not "running"),
+    and the tasks evaluated so far stay."""
+    from cilab.experiment import Protocol
+
+    root, a, b = runs
+    real, calls = Protocol.evaluate, []
+
+    def evaluate(self, t, n_seen):
+        calls.append(t)
+        if t == 3:
+            raise stop
+        return real(self, t, n_seen)
+
+    monkeypatch.setattr(Protocol, "evaluate", evaluate)
+    with pytest.raises(type(stop)):
+        evaluate_run(b, root / "a", tmp_path / "cut")
+    m = results.read_metrics(tmp_path / "cut")
+    assert calls == [0, 1, 2, 3] and m["status"] == status and m["completed_tasks"] == 3
+    assert m["fc"]["accuracy"] == results.read_metrics(root / "b")["fc"]["accuracy"][:3]
+    assert results.last_checkpoint(tmp_path / "cut")[0] == 2
+    monkeypatch.setattr(Protocol, "evaluate", real)
+    with pytest.raises(results.RunFolderError) as e:  # evaluated again only when asked; there is no --resume
+        evaluate_run(b, root / "a", tmp_path / "cut")
+    assert f"(a run that stopped ({status}), 3 of 5 tasks done); pass --overwrite to start again" in str(e.value)
+    assert evaluate_run(b, root / "a", tmp_path / "cut", overwrite=True)["fc"] == results.read_metrics(root / "b")["fc"]
+
+
 def test_the_classifiers_draw_nothing_from_torchs_random_streams():
     """Training goes on from torch's random streams after each evaluation: a classifier that drew
     from them would make a run that only adds it train differently from one without it."""

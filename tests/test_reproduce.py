@@ -393,6 +393,30 @@ def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tm
         ("classifiers/icarl-knn-s0", "failed", "not evaluated: variants/icarl-s0 failed")]
 
 
+def test_a_copy_or_evaluation_never_replaces_a_complete_run_written_after_the_plan(tmp_path, npz, monkeypatch):
+    """The plan found their folders new; hours later, another command has completed runs there:
+    they are reported failed, naming why, and those runs stay as they are."""
+    from cilab.reproduce import plan_study, run_all
+
+    groups = {"a": {"runs": [{"preset": "icarl", "seeds": [0]},
+                             {"preset": "icarl", "tag": "hybrid1", "seeds": [0], "overrides": ["eval.classifiers=[fc]"]}]},
+              "b": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
+    ov = npz_overrides(npz)
+    specs = plan_study(["a", "b"], tmp_path, ov, groups=groups)
+    assert [s.action for s in specs] == ["new", "evaluate", "copy"]
+    theirs = fake_run(set())
+    for s in specs[1:]:  # another command, meanwhile
+        theirs(s.cfg, s.folder, meta={"by": "another command"})
+        results.atomic_write_bytes(results.checkpoint_path(s.folder, 4), b"its last task")
+    before = {s.label: (s.folder / results.METRICS).read_bytes() for s in specs[1:]}
+    monkeypatch.setattr(experiment, "run", fake_run(set()))
+    res = run_all(specs, progress=False, log=lambda _: None)
+    assert [r.status for r in res] == ["done", "failed", "failed"]
+    assert "already holds results (a complete run); pass --overwrite" in res[1].error
+    assert "holds a complete run the plan did not see; pass --overwrite to replace it" in res[2].error
+    assert before == {s.label: (s.folder / results.METRICS).read_bytes() for s in specs[1:]}
+
+
 def test_runs_at_once_start_the_longest_first():
     from cilab.reproduce import longest_first, plan_study
 

@@ -26,7 +26,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -246,6 +246,7 @@ class Protocol:
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling, augmentation, selection
         self.memory = ExemplarMemory(cfg.memory.size)
         self.confusion: dict[str, np.ndarray] = {}
+        self._saved_metrics: dict | None = None  # metrics as of the last checkpoint (commit, _restore)
         cpt = scenario.classes_per_task
         self.metrics = {
             "method": cfg.method, "seed": cfg.seed, "preset": meta.get("preset"), "overrides": meta.get("overrides", []),
@@ -326,27 +327,34 @@ class Protocol:
 
     # -- the protocol ---------------------------------------------------------------------
 
-    def run(self, resume: bool) -> dict:
-        self._saved_metrics: dict | None = None  # metrics as of the last checkpoint
-        start = self._restore() if resume else 0
-        self.tracker = Trackers(self.cfg.log)
-        self.tracker.start(self.out, self.cfg)
+    @contextlib.contextmanager
+    def stop_marked(self) -> Iterator[None]:
+        """Work on the run's tasks; if it stops (an error, Ctrl-C), metrics.json says why.
+
+        Completed tasks stay saved. metrics.json is written from the last
+        checkpoint's metrics, not the live ones, which may hold part of the
+        failed task (an accuracy appended for one classifier but not the next,
+        its timing).
+        """
         try:
-            with _InterruptWatch() as ctrl_c:
-                for t in range(start, self.scenario.num_tasks):
-                    self.run_task(t)
-                    if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved
-                        raise KeyboardInterrupt
+            yield
         except BaseException as e:
-            # Completed tasks stay saved; metrics.json says why the run stopped.
-            # It is written from the last checkpoint's metrics, not the live
-            # ones, which may hold part of the failed task (an accuracy
-            # appended for one classifier but not the next, its timing).
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
             self.metrics["status"] = status
             if self._saved_metrics is not None:
                 results.atomic_write_json(self.out / results.METRICS, {**self._saved_metrics, "status": status})
             raise
+
+    def run(self, resume: bool) -> dict:
+        start = self._restore() if resume else 0
+        self.tracker = Trackers(self.cfg.log)
+        self.tracker.start(self.out, self.cfg)
+        try:
+            with self.stop_marked(), _InterruptWatch() as ctrl_c:
+                for t in range(start, self.scenario.num_tasks):
+                    self.run_task(t)
+                    if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved
+                        raise KeyboardInterrupt
         finally:
             self.tracker.close()
         self.metrics["status"] = "complete"

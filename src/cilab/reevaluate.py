@@ -84,14 +84,14 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
         keys = runfolder.config_diff(_training_part(theirs).to_dict(), _training_part(cfg).to_dict())
         raise ConfigError(f"cannot evaluate from {source}: its training differs ({keys}); only "
                           f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
-    runfolder.check(out, cfg, False, overwrite)
+    runfolder.check(out, cfg, False, overwrite, resumable=False)
     runtime = Runtime.resolve(cfg.train)
     data = load_run_data(cfg.data)
     try:
         scenario = Scenario.for_run(cfg, data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    with runfolder.claim(out, cfg, False, overwrite, log), runfolder.RunLock(source, shared=True):
+    with runfolder.claim(out, cfg, False, overwrite, log, resumable=False), runfolder.RunLock(source, shared=True):
         results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
         with runtime.applied():
             protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)
@@ -103,21 +103,22 @@ def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
     into ``p.out`` with ``p``'s metrics; then metrics.json, marked complete."""
     mine = list(p.cfg.eval.classifiers)
     t0 = time.perf_counter()
-    for t in range(p.scenario.num_tasks):
-        path = results.checkpoint_path(source, t)
-        state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
-        if state["class_order"] != p.scenario.class_order:
-            raise RunFolderError(f"cannot evaluate {path}: it was made for another class order")
-        p.load_trained(state)  # as a resume does (DER's grown network)
-        p.evaluate(t, p.scenario.seen(t))
-        p.summarize_classifiers()
-        trained = state["metrics"]  # the source's metrics after task t: its memory sizes and timings stay
-        p.metrics = {**{k: v for k, v in trained.items() if k not in trained["classifiers"]},
-                     **{k: p.metrics[k] for k in ("preset", "overrides", "classifiers", *mine)},
-                     "evaluated_from": str(source)}
-        state["metrics"] = results.plain_data(p.metrics)
-        state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
-        p.commit(t, state)  # the source's training state, this run's evaluation
+    with p.stop_marked():  # cut short: metrics.json says why, as a run's does; the tasks done stay
+        for t in range(p.scenario.num_tasks):
+            path = results.checkpoint_path(source, t)
+            state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
+            if state["class_order"] != p.scenario.class_order:
+                raise RunFolderError(f"cannot evaluate {path}: it was made for another class order")
+            p.load_trained(state)  # as a resume does (DER's grown network)
+            p.evaluate(t, p.scenario.seen(t))
+            p.summarize_classifiers()
+            trained = state["metrics"]  # the source's metrics after task t: its memory sizes and timings stay
+            p.metrics = {**{k: v for k, v in trained.items() if k not in trained["classifiers"]},
+                         **{k: p.metrics[k] for k in ("preset", "overrides", "classifiers", *mine)},
+                         "evaluated_from": str(source)}
+            state["metrics"] = results.plain_data(p.metrics)
+            state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
+            p.commit(t, state)  # the source's training state, this run's evaluation
     p.metrics["status"] = "complete"
     p.metrics["reevaluation_s"] = time.perf_counter() - t0
     results.atomic_write_json(p.out / results.METRICS, p.metrics)

@@ -332,9 +332,9 @@ def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = 
         # short) is made again from it, not trained on.
         twin, trainer = first[_identity(spec)], trainers[training_key(spec.cfg)]
         if twin is not spec:
-            specs[i] = replace(spec, action="copy", source=twin)
+            specs[i] = replace(spec, action="copy", source=twin, replaces=spec.action == "overwrite")
         elif trainer is not spec:
-            specs[i] = replace(spec, action="evaluate", source=trainer)
+            specs[i] = replace(spec, action="evaluate", source=trainer, replaces=spec.action == "overwrite")
     if check_data:
         check_datasets([s for s in specs if s.action not in ("copy", "evaluate")])
     return specs
@@ -379,15 +379,17 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
     start = time.perf_counter()
     if spec.action == "copy":  # its twin has run (run_all calls this after the twin's result)
         try:
-            runfolder.copy_run(spec.source.folder, spec.folder)
+            runfolder.copy_run(spec.source.folder, spec.folder, keep_complete=not spec.replaces)
             return RunResult(spec, "copied", time.perf_counter() - start, metrics=results.read_metrics(spec.folder))
         except (OSError, ValueError, results.RunFolderError) as e:
             return RunResult(spec, "failed", time.perf_counter() - start,
                              f"could not copy {spec.source.folder}: {type(e).__name__}: {e}")
     if spec.action == "evaluate":  # its trainer has run (run_all calls this after the trainer's result)
         try:
-            # overwrite, as a copy does: the plan found the folder new, or to be replaced (--overwrite)
-            metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=True, log=log,
+            # The plan found the folder new, half-done (made again) or to be replaced (--overwrite);
+            # a complete run there now was written since, and is kept (evaluate_run refuses it).
+            again = spec.replaces or not results.is_complete(spec.folder)
+            metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=again, log=log,
                                    meta={"preset": spec.preset, "overrides": list(spec.overrides)})
             return RunResult(spec, "evaluated", time.perf_counter() - start, metrics=metrics)
         except KeyboardInterrupt:

@@ -130,15 +130,17 @@ def clear(folder: Path) -> list[Path]:
     return foreign_entries(folder)
 
 
-def copy_run(src: Path, dst: Path) -> None:
+def copy_run(src: Path, dst: Path, *, keep_complete: bool = False) -> None:
     """Replace the run in ``dst`` (if any: what cilab wrote there goes, the user's files stay) by a
     copy of the run in ``src``: every file cilab wrote there but the lock, each through a temporary
     file, metrics.json last, holding both folders' locks. An interrupted copy leaves at most
     completed files and no metrics.json: a folder of the same config that resumes from its last
-    checkpoint."""
+    checkpoint. ``keep_complete``: refuse (RunFolderError) a ``dst`` that holds a complete run."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with RunLock(src, shared=True), RunLock(dst):
+        if keep_complete and results.is_complete(dst):
+            raise RunFolderError(f"{dst} holds a complete run the plan did not see; pass --overwrite to replace it")
         clear(dst)
         files = [f for f in cilab_files(src) if f.name != LOCK and not _is_temp(f)]
         for f in sorted(files, key=lambda f: f.name == results.METRICS):  # metrics.json, which says "complete", last
@@ -390,12 +392,13 @@ def describe(folder: Path, live: bool = True) -> str:
     return f"a run that stopped ({status}), {tasks}"
 
 
-def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False) -> str:
+def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False, resumable: bool = True) -> str:
     """What a run into ``out`` will do: "new", "clear" (delete cilab's files first) or "resume".
 
     Only looks, never changes anything; raises RunFolderError (naming what is
     in the way) where the run must not start. ``locked``: the caller holds the
-    folder's lock (so a live holder is the caller itself).
+    folder's lock (so a live holder is the caller itself). ``resumable``: the
+    command has a --resume to suggest (``cilab evaluate`` has none).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -425,8 +428,8 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
         # or was killed before its first checkpoint must not block a plain rerun.
         return "clear"
     raise RunFolderError(
-        f"{out} already holds results ({describe(out, live=not locked)}); pass --resume to continue it or "
-        "--overwrite to start again, or choose another --out"
+        f"{out} already holds results ({describe(out, live=not locked)}); pass "
+        f"{'--resume to continue it or ' if resumable else ''}--overwrite to start again, or choose another --out"
     )
 
 
@@ -495,7 +498,8 @@ def config_diff(a: dict, b: dict) -> str:
 
 
 @contextlib.contextmanager
-def claim(out: Path, cfg, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Iterator[str]:
+def claim(out: Path, cfg, resume: bool, overwrite: bool, log: Callable[[str], None], *,
+          resumable: bool = True) -> Iterator[str]:
     """Hold ``out`` for a run: create it, lock it, check it again, clear it if asked, mark it.
 
     The first :func:`check` ran before the data was loaded; the folder may
@@ -507,7 +511,7 @@ def claim(out: Path, cfg, resume: bool, overwrite: bool, log: Callable[[str], No
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()
     try:
-        action = check(out, cfg, resume, overwrite, locked=True)
+        action = check(out, cfg, resume, overwrite, locked=True, resumable=resumable)
         if action == "clear":
             kept = clear(out)
             if kept:

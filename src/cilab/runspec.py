@@ -31,6 +31,9 @@ class RunSpec:
     # action "copy": the identical run of another group, trained instead; "evaluate": the run
     # that trains alike, whose checkpoints this one evaluates with its own classifiers
     source: RunSpec | None = None
+    # (copy, evaluate) the plan found another config's run there and --overwrite lets it go; otherwise a
+    # complete run found there when the copy or evaluation starts was written after the plan, and stays
+    replaces: bool = False
 
     @property
     def notes(self) -> list[str]:
