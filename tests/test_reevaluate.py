@@ -57,6 +57,28 @@ def test_evaluated_from_checkpoints_equals_the_run_trained(runs):
     assert yaml.safe_load((root / "c" / results.CONFIG).read_text())["eval"]["classifiers"] == ["fc", "knn"]
 
 
+# Methods whose trained network is more than a backbone and a linear head: DER's grown
+# extractors, BiC's bias layer, LUCIR's and PODNet's cosine heads, WA's aligned weights.
+@pytest.mark.parametrize("method, extra", [
+    ("der", []), ("bic", ["method_args.val_fraction=0.2"]), ("lucir", ["method_args.K=20"]),
+    ("podnet", ["method_args.finetune_epochs=1"]), ("wa", []),
+])
+def test_evaluated_from_checkpoints_equals_the_run_trained_for_grown_and_corrected_networks(
+        runs, tmp_path, method, extra):
+    root, _, _ = runs
+    base = npz_overrides(root / "tiny.npz", tasks=2) + extra
+    a = build_config(method, base + ["eval.classifiers=[nme]"])
+    b = build_config(method, base + ["eval.classifiers=[fc,knn]", "eval.knn.k=3"])
+    experiment.run(a, tmp_path / "a", progress=False)
+    trained = experiment.run(b, tmp_path / "b", progress=False)
+    got = evaluate_run(b, tmp_path / "a", tmp_path / "c")
+    for c in ("fc", "knn"):
+        assert got[c] == trained[c], c
+    with np.load(tmp_path / "c" / results.CONFUSION) as c, np.load(tmp_path / "b" / results.CONFUSION) as t:
+        for k in t.files:
+            assert np.array_equal(c[k], t[k]), k
+
+
 def test_cilab_evaluate_on_the_command_line(runs, capsys):
     root, a, b = runs
     assert cli.main(["evaluate", str(root / "a"), "--out", str(root / "d"), "eval.classifiers=[fc,knn]",
