@@ -417,6 +417,27 @@ def test_a_copy_or_evaluation_never_replaces_a_complete_run_written_after_the_pl
     assert before == {s.label: (s.folder / results.METRICS).read_bytes() for s in specs[1:]}
 
 
+def test_a_tsne_is_computed_once_for_one_network_across_the_reports_of_a_study(tmp_path, npz, monkeypatch):
+    """Plain iCaRL in two groups (a copy) and its hybrid (evaluated from its checkpoints) are one network:
+    its t-SNE (tens of seconds a panel on CIFAR-100) is fitted once for the three report rows that show it."""
+    from sklearn.manifold import TSNE
+
+    groups = {"a": {"runs": [{"preset": "icarl", "seeds": [0]},
+                             {"preset": "icarl", "tag": "hybrid1", "seeds": [0], "overrides": ["eval.classifiers=[fc]"]}]},
+              "b": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
+    fitted, real = [], TSNE.fit_transform
+    monkeypatch.setattr(TSNE, "fit_transform", lambda self, x, *a, **k: fitted.append(len(x)) or real(self, x, *a, **k))
+    reproduce("all", tmp_path, npz_overrides(npz, tasks=2), groups=groups, progress=False, log=lambda _: None)
+    assert len(fitted) == 2  # after task 1 and task 2, not 2 x 3
+    for g in ("a", "b"):
+        assert (tmp_path / g / "report" / "tsne.png").exists()
+    # a network trained otherwise gets its own
+    fitted.clear()
+    groups["b"]["runs"][0]["overrides"] = ["train.lr=1.0"]
+    reproduce("all", tmp_path / "other", npz_overrides(npz, tasks=2), groups=groups, progress=False, log=lambda _: None)
+    assert len(fitted) == 4
+
+
 def test_runs_at_once_start_the_longest_first():
     from cilab.reproduce import longest_first, plan_study
 

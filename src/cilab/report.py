@@ -478,7 +478,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 tsne_at: tuple = TSNE_TASKS, tsne_classes: int = TSNE_CLASSES, exemplars: str | None = None,
                 exemplar_task: int | None = None, exemplars_per_class: int = 10, exemplar_classes: int = 20,
                 device: str = "auto", seed: int = 0, labels: dict[str, str] | None = None,
-                log: Callable[[str], None] = print, ddof: int = STD_DDOF) -> Report:
+                log: Callable[[str], None] = print, ddof: int = STD_DDOF, tsne_cache: dict | None = None) -> Report:
     """Read the run folders under ``paths`` and write report.md, CSVs and figures into ``out``.
 
     ``confusion`` / ``tsne``: run names (folder names or paths) to draw; by
@@ -486,6 +486,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     that cannot be drawn becomes a note in report.md, never an exception.
     ``labels``: run folder name -> variant label (see :func:`group_runs`).
     ``ddof``: 1 (sample std over seeds, the default) or 0 (the study's), see the module doc.
+    ``tsne_cache``: embeddings shared with other reports (see ``tsne_rows``).
     """
     import torch
 
@@ -542,7 +543,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 from .plots import plot_tsne
 
                 def draw():
-                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log)
+                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache)
                     # One legend of class names when every row draws the same classes (same seed).
                     same = len({tuple(x["class_names"]) for x in rows_}) == 1
                     n = len(rows_[0]["class_names"])

@@ -484,8 +484,10 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
     return [replace(done[s.folder], spec=s) for s in specs]
 
 
-def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print):
-    """The group's report: confusion matrices and t-SNE rows for the first seed of each variant."""
+def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print,
+                 tsne_cache: dict | None = None):
+    """The group's report: confusion matrices and t-SNE rows for the first seed of each variant
+    (``tsne_cache``: embeddings shared with the other groups' reports)."""
     from .report import make_report
 
     folders = [s.folder for s in specs if s.folder.exists() and any(s.folder.iterdir())]
@@ -496,7 +498,7 @@ def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log
     title = f"{specs[0].group} on {specs[0].cfg.data.name}"
     return make_report(folders, out, title=title, confusion=list(first.values()) or None,
                        tsne=list(first.values()) or None, draw_tsne=draw_tsne, log=log,
-                       labels={s.name: s.variant for s in specs})
+                       labels={s.name: s.variant for s in specs}, tsne_cache=tsne_cache)
 
 
 def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | None = None, *,
@@ -528,12 +530,12 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
             + (f", {copied} copied from an identical run of another group" if copied else "")
             + (f", {evaluated} evaluated from the checkpoints of a run that trains alike" if evaluated else "") + ")")
     res = run_all(specs, executor=runner, progress=progress)
-    reports = {}
+    reports, tsne_cache = {}, {}  # one network in several groups' reports: its t-SNE fitted once
     for name in names if report else []:
         where = Path(out) / name
         try:
             reports[name] = report_group([s for s in specs if s.group == name], where / "report",
-                                         draw_tsne=draw_tsne, log=log)
+                                         draw_tsne=draw_tsne, log=log, tsne_cache=tsne_cache)
         except Exception as e:  # noqa: BLE001 - the runs are done and saved; say why the report is missing
             log(f"could not write the report of {name}: {type(e).__name__}: {e}; run `cilab report {where} "
                 f"--out {where / 'report'}` to retry")
