@@ -174,8 +174,12 @@ np.savez(sys.argv[1], x_train=r.integers(0, 256, (100 * n, 32, 32, 3), dtype=np.
 from cilab.bench import study_images
 from cilab.executors import mps_running
 runs = []
-# every run the plan had (a run that failed before writing metrics.json is listed too, "missing")
-for r in study_images(seeds=[0], overrides=sys.argv[7:]):
+try:  # every run the plan had (a run that failed before writing metrics.json is listed too, "missing")
+    planned = study_images(seeds=[0], overrides=sys.argv[7:])
+except Exception as e:  # a plan reproduce refused too: study.json still says so, with rc and wall_s
+    planned, runs = [], [{"run": "(plan)", "copy_of": None, "evaluated_from": None,
+                          "status": f"failed: {type(e).__name__}: {e}"}]
+for r in planned:
     f = Path(sys.argv[1]) / r["group"] / r["name"] / "metrics.json"
     m = json.loads(f.read_text()) if f.exists() else {"status": "missing: no metrics.json"}
     runs.append({"run": r["group"] + "/" + r["name"], "copy_of": r["copy_of"], "evaluated_from": r["evaluated_from"],
@@ -185,7 +189,8 @@ for r in study_images(seeds=[0], overrides=sys.argv[7:]):
 json.dump({"wall_s": int(sys.argv[3]), "rc": int(sys.argv[4]), "jobs": int(sys.argv[5]), "per_class": int(sys.argv[6]),
            "mps": mps_running(),
            "overrides": sys.argv[7:], "runs": runs}, open(sys.argv[2], "w"), indent=1)' \
-        "$dir/runs" "$out/study.json" "$(($(date +%s) - t0))" "$rc" "$jobs" "$per" "$@"
+        "$dir/runs" "$out/study.json" "$(($(date +%s) - t0))" "$rc" "$jobs" "$per" \
+        data.name=npz "data.path=$dir/data.npz" "$@"
     return $rc
 }
 

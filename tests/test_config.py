@@ -147,7 +147,7 @@ def _saved(tmp_path, name: str, data: dict):
 def test_a_saved_config_without_a_key_added_since_is_read_as_the_run_computed_it(tmp_path, preset, key, before, now):
     """config.yaml holds every key, so one it lacks was added to cilab after the run: the run
     computed what the key's old value computes, not its new default (a resume would change method
-    in mid-run, a report would name the wrong variant)."""
+    in mid-run, reproduce would take it for a run of today's preset)."""
     from cilab import runfolder
 
     cfg = build_config(preset)
@@ -182,8 +182,12 @@ def test_a_saved_config_that_no_setting_reproduces_is_refused_naming_why(tmp_pat
     problem = runfolder.config_conflict(folder, cfg)
     assert problem.startswith(f"an older cilab wrote it ({evidence}), one that computed")
     assert "no setting of this one reproduces its numbers" in problem
-    with pytest.raises(ConfigError, match=r"an older cilab wrote it"):
+    with pytest.raises(ConfigError, match=f"^cannot evaluate from {folder}: an older cilab wrote it"):
         reevaluate.source_config(folder)
+    runfolder.write_marker(folder)
+    with pytest.raises(runfolder.RunFolderError, match=r"cannot resume .*an older cilab wrote it .* evaluated again; "
+                                                        r"start it again with --overwrite, or choose another --out$"):
+        runfolder.check(folder, cfg, True, False)
 
 
 def test_absent_means_must_name_settings_of_the_method():

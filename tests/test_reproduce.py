@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cilab import cli, experiment, results, runfolder
-from cilab.config import ConfigError, preset_names
+from cilab.config import ConfigError, build_config, preset_names
 from cilab.data import DatasetError
 from cilab.reproduce import load_groups, plan, reproduce, run_one
 
@@ -412,9 +412,24 @@ def test_a_copy_or_evaluation_never_replaces_a_complete_run_written_after_the_pl
     monkeypatch.setattr(experiment, "run", fake_run(set()))
     res = run_all(specs, progress=False, log=lambda _: None)
     assert [r.status for r in res] == ["done", "failed", "failed"]
-    assert "already holds results (a complete run); pass --overwrite" in res[1].error
-    assert "holds a complete run the plan did not see; pass --overwrite to replace it" in res[2].error
+    for r in res[1:]:
+        assert "holds a run the plan did not see (a complete run); pass --overwrite to replace it" in r.error
     assert before == {s.label: (s.folder / results.METRICS).read_bytes() for s in specs[1:]}
+
+    # the same with runs of another config cut short there: not the half-done runs the plan would remake
+    specs = plan_study(["a", "b"], tmp_path / "again", ov, groups=groups)
+    for s in specs[1:]:
+        theirs(build_config("icarl", ov + ["train.lr=1.0"]), s.folder)
+        m = results.read_metrics(s.folder)
+        results.atomic_write_json(s.folder / results.METRICS, {**m, "status": "interrupted"})
+        results.atomic_write_bytes(results.checkpoint_path(s.folder, 1), b"its second task")
+    before = {s.label: sorted(p.name for p in s.folder.rglob("*")) for s in specs[1:]}
+    res = run_all(specs, progress=False, log=lambda _: None)
+    assert [r.status for r in res] == ["done", "failed", "failed"]
+    for r in res[1:]:
+        assert "holds a run the plan did not see (another run: its config differs (train.lr: 1.0 saved, 2.0 now" \
+            in r.error
+    assert before == {s.label: sorted(p.name for p in s.folder.rglob("*")) for s in specs[1:]}
 
 
 def test_a_tsne_is_computed_once_for_one_network_across_the_reports_of_a_study(tmp_path, npz, monkeypatch):

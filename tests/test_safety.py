@@ -368,14 +368,14 @@ def test_a_lock_held_for_a_dead_pid_is_stale(tmp_path):
 
 
 def test_readers_share_a_run_folders_lock_and_keep_writers_out(tmp_path):
-    """Two evaluations (or copies) read one source at once; a run that would write it waits
-    for both; the last reader out removes the lock file, as a writer does."""
+    """Two evaluations (or copies) read one source at once; a run that would write it is refused
+    until both are done; the last reader out removes the lock file, as a writer does."""
     from cilab import runfolder
 
     folder = tmp_path / "run"
     folder.mkdir()
     first = runfolder.RunLock(folder, shared=True).acquire(wait=0)
-    second = runfolder.RunLock(folder, shared=True).acquire(wait=0)  # the exclusive lock took 1 s, then refused
+    second = runfolder.RunLock(folder, shared=True).acquire(wait=0)
     with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
         runfolder.RunLock(folder).acquire(wait=0)
     assert runfolder.holder(folder) is None  # read, not written: nobody to name as its writer
@@ -388,6 +388,71 @@ def test_readers_share_a_run_folders_lock_and_keep_writers_out(tmp_path):
     with runfolder.RunLock(folder):  # free again for a writer, which keeps readers out
         with pytest.raises(runfolder.RunFolderError, match=f"in use by another cilab run \\(pid {os.getpid()}"):
             runfolder.RunLock(folder, shared=True).acquire(wait=0)
+
+
+def _dead_pid_lock(folder):
+    """A lock file left by a killed run: it names a pid that is dead on this host."""
+    from cilab import runfolder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / runfolder.LOCK).write_text(
+        runfolder.LockInfo(dead.pid, runfolder.socket.gethostname(), "2026-01-01T00:00:00").text())
+
+
+def test_readers_of_a_lock_file_that_names_a_dead_run_still_keep_writers_out(tmp_path):
+    """Readers write nothing into the lock file: a dead writer's pid there must not make a writer take
+    the folder from them, and a reader leaving must not remove a lock file that is not its own."""
+    from cilab import runfolder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    _dead_pid_lock(folder)
+    reader = runfolder.RunLock(folder, shared=True).acquire(wait=0)
+    with pytest.raises(runfolder.RunFolderError, match=r"in use by another cilab run \(a process reading it"):
+        runfolder.RunLock(folder).acquire(wait=0)
+    with pytest.raises(runfolder.RunFolderError, match="is being read by another cilab run"):
+        runfolder.check(folder, None, False, True)  # before any data is loaded
+    reader.release()
+    with runfolder.RunLock(folder):  # the last reader is gone: free
+        pass
+
+    # a reader whose lock file was replaced meanwhile leaves the new one where it is
+    reader = runfolder.RunLock(folder, shared=True).acquire(wait=0)
+    (folder / runfolder.LOCK).unlink()
+    writer = runfolder.RunLock(folder).acquire(wait=0)
+    reader.release()
+    assert runfolder.holder(folder).pid == os.getpid()
+    with pytest.raises(runfolder.RunFolderError, match=f"pid {os.getpid()}"):
+        runfolder.RunLock(folder).acquire(wait=0)
+    writer.release()
+
+
+def test_a_reader_that_cannot_remove_a_stale_lock_gives_up_after_the_wait(tmp_path, monkeypatch):
+    """An orphaned descriptor (a forked child of a killed run) holds the lock of a folder the reader
+    may not write: it cannot replace the stale file, so it waits its time and says so, not spin forever."""
+    from cilab import runfolder
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    _dead_pid_lock(folder)
+    orphan = os.open(folder / runfolder.LOCK, os.O_RDWR)
+    runfolder.fcntl.flock(orphan, runfolder.fcntl.LOCK_EX | runfolder.fcntl.LOCK_NB)
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(runfolder.os, "unlink", refuse)
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the reader spun past its wait"))
+    signal.alarm(5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
+            runfolder.RunLock(folder, shared=True).acquire(wait=0.3)
+        assert time.monotonic() - t0 < 3
+    finally:
+        signal.alarm(0)
+        os.close(orphan)
 
 
 def test_a_reader_needs_no_lock_file_in_a_folder_it_cannot_write(tmp_path, monkeypatch):

@@ -332,9 +332,8 @@ def saved_config(data: dict[str, Any]) -> Config:
         if written_before(data):
             raise OlderRunError(
                 f"an older cilab wrote it ({evidence}), one that computed NME, the fc classifier, the loss "
-                "pairs or DeepInversion otherwise; no setting of this one reproduces its numbers, so it cannot "
-                "be resumed, copied or evaluated again: its metrics.json still reports them; rerun it with "
-                "--overwrite or into another folder")
+                "pairs or DeepInversion otherwise; no setting of this one reproduces its numbers (its "
+                "metrics.json still reports them), so it cannot be resumed, copied or evaluated again")
     data = copy.deepcopy(data)
     method = METHODS[data["method"]] if data.get("method") in METHODS else None
     if method is not None and method.absent_means and isinstance(data.get("method_args", {}), dict):

@@ -328,16 +328,18 @@ class Protocol:
     # -- the protocol ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stop_marked(self) -> Iterator[None]:
+    def stop_marked(self) -> Iterator[_InterruptWatch]:
         """Work on the run's tasks; if it stops (an error, Ctrl-C), metrics.json says why.
 
         Completed tasks stay saved. metrics.json is written from the last
         checkpoint's metrics, not the live ones, which may hold part of the
         failed task (an accuracy appended for one classifier but not the next,
-        its timing).
+        its timing). Yields the Ctrl-C count (:class:`_InterruptWatch`): check
+        it after each task.
         """
         try:
-            yield
+            with _InterruptWatch() as ctrl_c:
+                yield ctrl_c
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
             self.metrics["status"] = status
@@ -350,7 +352,7 @@ class Protocol:
         self.tracker = Trackers(self.cfg.log)
         self.tracker.start(self.out, self.cfg)
         try:
-            with self.stop_marked(), _InterruptWatch() as ctrl_c:
+            with self.stop_marked() as ctrl_c:
                 for t in range(start, self.scenario.num_tasks):
                     self.run_task(t)
                     if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved

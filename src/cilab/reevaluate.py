@@ -64,7 +64,10 @@ def trains_like(cfg: Config, other: Config) -> bool:
 
 def source_config(source: Path) -> Config:
     """The config ``source``'s run computed with (keys added to cilab since: as it computed them)."""
-    return runfolder.read_config(source)
+    try:
+        return runfolder.read_config(source)
+    except ConfigError as e:
+        raise type(e)(f"cannot evaluate from {source}: {e}") from None
 
 
 def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -77,25 +80,28 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
     log = log or (lambda msg: tqdm.write(msg))
     if out.resolve() == source.resolve():
         raise RunFolderError(f"cannot evaluate {source} into itself; choose another --out")
-    if not results.is_complete(source):
+    if not results.is_complete(source):  # (a missing folder: said here, before a lock is made in it)
         raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
-    theirs = source_config(source)
-    if not trains_like(cfg, theirs):
-        keys = runfolder.config_diff(_training_part(theirs).to_dict(), _training_part(cfg).to_dict())
-        raise ConfigError(f"cannot evaluate from {source}: its training differs ({keys}); only "
-                          f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
-    runfolder.check(out, cfg, False, overwrite, resumable=False)
-    runtime = Runtime.resolve(cfg.train)
-    data = load_run_data(cfg.data)
-    try:
-        scenario = Scenario.for_run(cfg, data)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    with runfolder.claim(out, cfg, False, overwrite, log, resumable=False), runfolder.RunLock(source, shared=True):
-        results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
-        with runtime.applied():
-            protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)
-            return evaluate_checkpoints(protocol, source)
+    with runfolder.RunLock(source, shared=True):  # checked and read as it is: nothing writes it meanwhile
+        if not results.is_complete(source):
+            raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
+        theirs = source_config(source)
+        if not trains_like(cfg, theirs):
+            keys = runfolder.config_diff(_training_part(theirs).to_dict(), _training_part(cfg).to_dict())
+            raise ConfigError(f"cannot evaluate from {source}: its training differs ({keys}); only "
+                              f"eval.{', eval.'.join(EVAL_ONLY)} may differ")
+        runfolder.check(out, cfg, False, overwrite, resumable=False)
+        runtime = Runtime.resolve(cfg.train)
+        data = load_run_data(cfg.data)
+        try:
+            scenario = Scenario.for_run(cfg, data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        with runfolder.claim(out, cfg, False, overwrite, log, resumable=False):
+            results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
+            with runtime.applied():
+                protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)
+                return evaluate_checkpoints(protocol, source)
 
 
 def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
@@ -103,7 +109,7 @@ def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
     into ``p.out`` with ``p``'s metrics; then metrics.json, marked complete."""
     mine = list(p.cfg.eval.classifiers)
     t0 = time.perf_counter()
-    with p.stop_marked():  # cut short: metrics.json says why, as a run's does; the tasks done stay
+    with p.stop_marked() as ctrl_c:  # cut short: metrics.json says why, as a run's does; the tasks done stay
         for t in range(p.scenario.num_tasks):
             path = results.checkpoint_path(source, t)
             state = results.load_checkpoint(path, required=results.CHECKPOINT_KEYS)  # data only: never runs code
@@ -119,6 +125,8 @@ def evaluate_checkpoints(p: Protocol, source: Path) -> dict:
             state["metrics"] = results.plain_data(p.metrics)
             state["confusion"] = {k: torch.from_numpy(v) for k, v in p.confusion.items()}
             p.commit(t, state)  # the source's training state, this run's evaluation
+            if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved
+                raise KeyboardInterrupt
     p.metrics["status"] = "complete"
     p.metrics["reevaluation_s"] = time.perf_counter() - t0
     results.atomic_write_json(p.out / results.METRICS, p.metrics)

@@ -379,7 +379,7 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
     start = time.perf_counter()
     if spec.action == "copy":  # its twin has run (run_all calls this after the twin's result)
         try:
-            runfolder.copy_run(spec.source.folder, spec.folder, keep_complete=not spec.replaces)
+            runfolder.copy_run(spec.source.folder, spec.folder, planned_for=None if spec.replaces else spec.cfg)
             return RunResult(spec, "copied", time.perf_counter() - start, metrics=results.read_metrics(spec.folder))
         except (OSError, ValueError, results.RunFolderError) as e:
             return RunResult(spec, "failed", time.perf_counter() - start,
@@ -387,9 +387,10 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
     if spec.action == "evaluate":  # its trainer has run (run_all calls this after the trainer's result)
         try:
             # The plan found the folder new, half-done (made again) or to be replaced (--overwrite);
-            # a complete run there now was written since, and is kept (evaluate_run refuses it).
-            again = spec.replaces or not results.is_complete(spec.folder)
-            metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=again, log=log,
+            # a run there now that it did not see was written since, and is kept.
+            if not spec.replaces:
+                runfolder.refuse_unplanned_run(spec.folder, spec.cfg)
+            metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=True, log=log,
                                    meta={"preset": spec.preset, "overrides": list(spec.overrides)})
             return RunResult(spec, "evaluated", time.perf_counter() - start, metrics=metrics)
         except KeyboardInterrupt:

@@ -17,9 +17,10 @@
   dies, so a lock left by a killed run is stale by construction; a lock whose
   recorded pid is dead on this host is stale too (a forked child could have
   inherited the descriptor). The lock file is removed when a run ends; one
-  that is left over means the run was killed. Runs that only read a folder
-  (an evaluation from its checkpoints, a copy) share the lock: several at
-  once, and no writer meanwhile.
+  that is left over means the run was killed (or a reader left while the
+  lock was being probed: harmless, a lock file no one holds is no lock).
+  Runs that only read a folder (an evaluation from its checkpoints, a copy)
+  share the lock: several at once, and no writer meanwhile.
 
 This module must not import experiment.py (it is imported by it).
 """
@@ -46,7 +47,7 @@ from .results import RunFolderError
 MARKER = ".cilab-run"
 LOCK = ".cilab-lock"
 MARKER_FORMAT = 1  # raised when the layout of a run folder changes incompatibly
-LOCK_WAIT_S = 1.0  # a reader probing the lock (cilab report) holds it for microseconds: retry that long
+LOCK_WAIT_S = 1.0  # a probe of the lock (cilab report, a plan) holds it for microseconds: retry that long
 
 
 # -- the marker ------------------------------------------------------------------------
@@ -130,21 +131,37 @@ def clear(folder: Path) -> list[Path]:
     return foreign_entries(folder)
 
 
-def copy_run(src: Path, dst: Path, *, keep_complete: bool = False) -> None:
+def copy_run(src: Path, dst: Path, *, planned_for=None) -> None:
     """Replace the run in ``dst`` (if any: what cilab wrote there goes, the user's files stay) by a
     copy of the run in ``src``: every file cilab wrote there but the lock, each through a temporary
     file, metrics.json last, holding both folders' locks. An interrupted copy leaves at most
     completed files and no metrics.json: a folder of the same config that resumes from its last
-    checkpoint. ``keep_complete``: refuse (RunFolderError) a ``dst`` that holds a complete run."""
+    checkpoint. ``planned_for``: the config a plan found ``dst`` new or half-done for; a run there
+    now that it did not see is kept (RunFolderError, see :func:`unplanned_run`)."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     with RunLock(src, shared=True), RunLock(dst):
-        if keep_complete and results.is_complete(dst):
-            raise RunFolderError(f"{dst} holds a complete run the plan did not see; pass --overwrite to replace it")
+        refuse_unplanned_run(dst, planned_for)
         clear(dst)
         files = [f for f in cilab_files(src) if f.name != LOCK and not _is_temp(f)]
         for f in sorted(files, key=lambda f: f.name == results.METRICS):  # metrics.json, which says "complete", last
             results.atomic_write_bytes(dst / f.relative_to(src), f.read_bytes())
+
+
+def unplanned_run(folder: Path, cfg) -> str | None:
+    """What a copy or an evaluation that a plan found ``folder`` new or half-done for must keep
+    there now (written since, by another command): a complete run, or a run of another config;
+    None where there is nothing of the kind."""
+    if results.is_complete(folder):
+        return "a complete run"
+    problem = config_conflict(folder, cfg)
+    return f"another run: {problem}" if problem else None
+
+
+def refuse_unplanned_run(folder: Path, cfg) -> None:
+    problem = unplanned_run(folder, cfg) if cfg is not None else None
+    if problem:
+        raise RunFolderError(f"{folder} holds a run the plan did not see ({problem}); pass --overwrite to replace it")
 
 
 def _names(paths: list[Path], folder: Path, most: int = 5) -> str:
@@ -221,6 +238,47 @@ def _read_fd(fd: int) -> LockInfo | None:
     return LockInfo.parse(text) if text.strip() else None
 
 
+def _only_readers(fd: int) -> bool:
+    """Whether the lock ``fd`` is open on is held by readers only (a shared lock is granted)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _replace_stale(fd: int, path: Path) -> bool:
+    """Remove the stale lock file ``fd`` is open on; False where it cannot (a folder we may not write)."""
+    try:
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            os.unlink(path)
+        return True  # removed, or replaced by someone else already
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def being_read(folder: Path) -> bool:
+    """Whether runs that only read ``folder`` (evaluations, copies) hold its lock now."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _only_readers(fd)
+        except OSError:  # a filesystem without flock: say nothing rather than guess
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def holder(folder: Path) -> LockInfo | None:
     """The live run holding ``folder``'s lock, or None (no lock, or a stale one)."""
     path = Path(folder) / LOCK
@@ -248,7 +306,7 @@ class RunLock:
 
     Exclusive (the default) for a run that writes the folder; ``shared`` for one that
     only reads it (an evaluation from its checkpoints, a copy): readers share it, so two
-    evaluations of one source run at once, and a writer waits for all of them. A reader
+    evaluations of one source run at once, and a writer is refused while any holds it. A reader
     writes nothing into the lock file (there may be several) and, in a folder it cannot
     write (a read-only mount, another user's results) that has no lock file, reads without
     one: no cilab of this user can be writing there either.
@@ -283,13 +341,13 @@ class RunLock:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                info = _read_fd(fd)
-                if info is not None and info.dead_here():
-                    # Held through a descriptor its dead run left to a forked child: replace the file
-                    # (if it is still the one we looked at), the child keeps a lock on nothing.
-                    with contextlib.suppress(OSError):
-                        if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                            os.unlink(self.path)
+                # Held by readers (they write nothing: the file may still name a dead writer), or
+                # by a writer, live or dead.
+                read = not self.shared and _only_readers(fd)
+                info = None if read else _read_fd(fd)
+                if info is not None and info.dead_here() and _replace_stale(fd, self.path):
+                    # Held through a descriptor its dead run left to a forked child: the file is
+                    # gone (or was replaced already), the child keeps a lock on nothing.
                     os.close(fd)
                     continue
                 os.close(fd)
@@ -331,7 +389,8 @@ class RunLock:
             last = False
         if last:
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:  # not a newer holder's file
+                    os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
 
@@ -407,6 +466,9 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
     if live:
         raise RunFolderError(f"{out} is in use by another cilab run ({live.describe()}); two runs must not write "
                              "one folder. Wait for it to finish, stop it, or choose another --out")
+    if not locked and out.exists() and being_read(out):
+        raise RunFolderError(f"{out} is being read by another cilab run (an evaluation from its checkpoints, or a "
+                             "copy); wait for it to finish, or choose another --out")
     check_writable(out)
     # A lone lock file: ours (``locked``), or left by a run killed before it wrote anything.
     if not out.exists() or all(p.name == LOCK for p in out.iterdir()):
@@ -433,10 +495,15 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
     )
 
 
+_DIFFERS = "its config differs"
+
+
 def _check_same_config(out: Path, cfg) -> None:
     problem = config_conflict(out, cfg)
     if problem:
-        raise RunFolderError(f"cannot resume {out}: {problem}; rerun with the same preset and overrides")
+        fix = ("rerun with the same preset and overrides" if problem.startswith(_DIFFERS)
+               else "start it again with --overwrite, or choose another --out")  # unreadable, or an older cilab's
+        raise RunFolderError(f"cannot resume {out}: {problem}; {fix}")
 
 
 def config_conflict(out: Path, cfg) -> str | None:
@@ -453,7 +520,7 @@ def config_conflict(out: Path, cfg) -> str | None:
     except ConfigError as e:
         return str(e)
     if dataclasses.replace(old, log=cfg.log) != cfg:
-        return f"its config differs ({config_diff(old.to_dict(), cfg.to_dict())})"
+        return f"{_DIFFERS} ({config_diff(old.to_dict(), cfg.to_dict())})"
     return None
 
 
