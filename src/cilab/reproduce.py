@@ -519,7 +519,7 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     names = group_names(group, groups) if isinstance(group, str) else list(dict.fromkeys(group))
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
-    todo = [s for s in specs if s.action not in ("skip", "copy", "evaluate")]
+    todo = [s for s in specs if s.action not in ("skip", "copy")]  # what the executor will run
     advice = getattr(runner, "notes", None)  # optional in the executor contract
     for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
         log(f"note: {line}")
