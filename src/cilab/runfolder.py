@@ -238,14 +238,22 @@ def _read_fd(fd: int) -> LockInfo | None:
     return LockInfo.parse(text) if text.strip() else None
 
 
-def _only_readers(fd: int) -> bool:
-    """Whether the lock ``fd`` is open on is held by readers only (a shared lock is granted)."""
+def _try_flock(fd: int, flag: int) -> bool | None:
+    """Whether ``flag`` (LOCK_SH, LOCK_EX) would be granted now on the lock ``fd`` is open on
+    (it is released again at once); None on a filesystem without flock."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
+        fcntl.flock(fd, flag | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
+    except OSError:
+        return None
     fcntl.flock(fd, fcntl.LOCK_UN)
     return True
+
+
+def _only_readers(fd: int) -> bool:
+    """Whether the busy lock ``fd`` is open on is held by readers only (a shared lock is granted)."""
+    return _try_flock(fd, fcntl.LOCK_SH) is True
 
 
 def _replace_stale(fd: int, path: Path) -> bool:
@@ -260,45 +268,34 @@ def _replace_stale(fd: int, path: Path) -> bool:
         return False
 
 
-def being_read(folder: Path) -> bool:
-    """Whether runs that only read ``folder`` (evaluations, copies) hold its lock now."""
+@contextlib.contextmanager
+def _lock_file(folder: Path) -> Iterator[int | None]:
+    """``folder``'s lock file opened to probe it (None: there is none)."""
     try:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        yield None
+        return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _only_readers(fd)
-        except OSError:  # a filesystem without flock: say nothing rather than guess
-            return False
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        yield fd
     finally:
         os.close(fd)
+
+
+def being_read(folder: Path) -> bool:
+    """Whether runs that only read ``folder`` (evaluations, copies) hold its lock now."""
+    with _lock_file(folder) as fd:
+        return fd is not None and _try_flock(fd, fcntl.LOCK_EX) is False and _only_readers(fd)
 
 
 def holder(folder: Path) -> LockInfo | None:
-    """The live run holding ``folder``'s lock, or None (no lock, or a stale one)."""
-    path = Path(folder) / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            # A shared lock is granted only if nobody holds the exclusive one.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _read_fd(fd) or LockInfo(None, "?", "?")
-            return None if info.dead_here() else info
-        except OSError:  # a filesystem without flock: say nothing rather than guess
+    """The live run writing ``folder`` (holding its lock exclusively), or None (no lock, or a stale one)."""
+    with _lock_file(folder) as fd:
+        # A filesystem without flock (None): say nothing rather than guess.
+        if fd is None or _try_flock(fd, fcntl.LOCK_SH) is not False:
             return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+        info = _read_fd(fd) or LockInfo(None, "?", "?")
+        return None if info.dead_here() else info
 
 
 class RunLock:
