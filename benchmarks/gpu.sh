@@ -32,6 +32,9 @@
 #                       task on random CIFAR-shaped data (GPU_SH_STUDY_PER_CLASS training images a class,
 #                       default 50; DeepInversion 20 iterations): every method's CUDA path, the copies of
 #                       shared runs and the reports; study.json has every planned run's status ("missing" without metrics.json) and times
+#   tsne         200 s  benchmarks/tsne.py: the reports' t-SNE panels (GPU_SH_TSNE_ROWS rows of three CIFAR-100
+#                       panels, default 4) one after another with scikit-learn's threads against one
+#                       thread each in a pool of a process a core (the machine's CPU, no GPU)
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
 # JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
@@ -118,7 +121,8 @@ if [[ $SMOKE == 1 ]]; then
     STUDY=(train.epochs=1 train.milestones=[] model.name=resnet20 train.batch_size=32 memory.size=200
            memory.deepinversion.iterations=2)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-2}
-    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900
+    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900 T_TSNE=400
+    TSNE_ROWS=${GPU_SH_TSNE_ROWS:-1}
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
            "tests/test_reliability.py::test_sigkill_during_task_3_then_resume_equals_the_uninterrupted_run"
@@ -132,6 +136,7 @@ else
     STUDY=(train.epochs=1 train.milestones=[] memory.deepinversion.iterations=20)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-50}
     T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
+    T_TSNE=200 TSNE_ROWS=${GPU_SH_TSNE_ROWS:-4}
 fi
 
 # with_mps CMD...: CMD under a control daemon of our own (pipe and log folders under /tmp),
@@ -233,7 +238,8 @@ for s in $WANTED; do
     study) MPS_OPTIONAL=1 step study "$T_STUDY" bash -c "$(declare -f with_mps study_run); $( ((HAVE_MPS)) && echo with_mps) \
                study_run \"\$@\"" study "$PY" "$OUT" "${GPU_SH_STUDY_JOBS:-8}" "$STUDY_PER" "${STUDY[@]}"
            echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1 ;;
-    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite study)" >&2 ;;
+    tsne) step tsne "$T_TSNE" "$PY" benchmarks/tsne.py --rows "$TSNE_ROWS" --ways threads,pool --out "$OUT/tsne.json" ;;
+    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite study tsne)" >&2 ;;
     esac
 done
 
@@ -282,6 +288,9 @@ if (out / "study.json").exists():
           f"{sum(bool(r['evaluated_from']) for r in st['runs'])} evaluated; "
           f"train {sum(r.get('train_s', 0) for r in runs):.0f} s, memory {sum(r.get('memory_s', 0) for r in runs):.0f} s, "
           f"eval {sum(r.get('eval_s', 0) for r in runs):.0f} s summed over runs")
+if (out / "tsne.json").exists():
+    t = json.load(open(out / "tsne.json"))
+    print(f"tsne: {t['panels']} panels on {t['cores']} cores: {t['seconds']} s, pool x{t['pool_over_threads']}")
 for f in sorted(out.glob("throughput*.json")):
     t = json.load(open(f))
     print(f"{f.stem}: a {t['a_bare_step_img_s']:.0f} b {t['b_cilab_trainer_img_s']:.0f} "

@@ -153,6 +153,29 @@ def test_a_run_an_older_cilab_wrote_is_reported_from_its_metrics_without_a_tsne(
     assert "exemplar grid of icarl-s0" in notes and "an older cilab wrote it" in notes
 
 
+def test_tsne_embeddings_are_the_same_in_a_pool_of_processes_and_with_any_thread_count(monkeypatch):
+    """scikit-learn's Barnes-Hut t-SNE depends on its thread count (1,000 points of 64 features differ
+    between 1 and 2 threads): each embedding uses one thread, so the figure is the same on every
+    machine, and embeddings made in a pool (large reports) equal those made here."""
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    from cilab import embedding
+
+    rng = np.random.default_rng(0)
+    inputs = [(rng.normal(size=(n, 64)).astype(np.float32), 30.0, 0) for n in (1000, 200, 250)]
+    with threadpool_limits(2):
+        two_threads = TSNE(n_components=2, perplexity=30.0, init="pca", learning_rate="auto",
+                           random_state=0).fit_transform(inputs[0][0])
+        here = embedding.embed_all(inputs, workers=1)
+    assert not np.array_equal(here[0], two_threads)  # the thread count shows
+    monkeypatch.setattr(embedding, "POOL_MIN_POINTS", 0)
+    pooled = embedding.embed_all(inputs, workers=2)
+    assert [len(x) for x in pooled] == [1000, 200, 250]  # in order
+    for a, b in zip(here, pooled):
+        assert np.array_equal(a, b)
+
+
 def test_grouping_ignores_seed_and_override_spelling(tmp_path):
     accs = {0: [80.0, 60.0, 50.0], 1: [82.0, 58.0, 47.0], 2: [79.0, 61.0, 44.0]}
     # the same variant, overrides written in another order and spelling

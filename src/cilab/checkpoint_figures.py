@@ -81,17 +81,23 @@ def tsne_tasks(num_done: int, wanted=TSNE_TASKS) -> list[int]:
 
 
 def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, log,
-              cache: dict | None = None) -> list[dict]:
-    """One row of t-SNE panels per run, at the tasks ``tsne_tasks`` picks. ``cache`` (features ->
-    embedding) lets reports share embeddings: the same features give the same embedding, and a
-    study shows one network in several rows (a run copied to several groups, runs evaluated
-    from its checkpoints), each panel tens of seconds of CPU on CIFAR-100."""
+              cache: dict | None = None, workers: int = 1) -> list[dict]:
+    """One row of t-SNE panels per run, at the tasks ``tsne_tasks`` picks.
+
+    Every panel's features first, then their embeddings (``cilab.embedding``:
+    one thread each, in a pool of up to ``workers`` processes for large ones),
+    then the rows. ``cache`` (features -> embedding) lets reports share
+    embeddings: the same features give the same embedding, and a study shows
+    one network in several rows (a run copied to several groups, runs
+    evaluated from its checkpoints), each panel tens of seconds of CPU on
+    CIFAR-100.
+    """
     import hashlib
 
-    from sklearn.manifold import TSNE
+    from .embedding import embed_all
 
     cache = {} if cache is None else cache
-    rows = []
+    rows, todo = [], {}  # todo: key -> (features, perplexity, seed), the embeddings to make
     for st in states:
         m = st.run.metrics
         classes = list(range(min(n_classes, st.scenario.classes_per_task)))
@@ -113,14 +119,18 @@ def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, l
             perplexity = float(min(30.0, max(2.0, (len(f) - 1) / 3.0)))
             key = (hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest(), f.shape, perplexity, seed)
             if key not in cache:
-                cache[key] = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                                  random_state=seed).fit_transform(f)
-            xy = cache[key]
+                todo[key] = (f, perplexity, seed)
             n_ex = int(np.concatenate(ex).sum())
             panels.append({"title": f"after task {t} ({st.scenario.seen(t - 1)} classes), {n_ex} exemplars",
-                           "xy": xy, "labels": np.concatenate(labels), "exemplar": np.concatenate(ex)})
+                           "key": key, "labels": np.concatenate(labels), "exemplar": np.concatenate(ex)})
         names = [m.get("class_names", [str(c) for c in range(len(classes))])[c] for c in classes]
         rows.append({"label": st.run.name, "panels": panels, "class_names": names})
+    if todo:
+        log(f"t-SNE: {len(todo)} embeddings of {sum(len(f) for f, _, _ in todo.values())} points")
+        cache.update(zip(todo, embed_all(list(todo.values()), workers)))
+    for row in rows:
+        for panel in row["panels"]:
+            panel["xy"] = cache[panel.pop("key")]
     return rows
 
 

@@ -52,6 +52,7 @@ from . import results
 from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError, parse_override
 from .errors import ReportError
+from .executors import cpu_count
 
 SUMMARY_FIELDS = [
     "variant", "preset", "overrides", "classifier", "n_seeds", "seeds",
@@ -543,7 +544,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 from .plots import plot_tsne
 
                 def draw():
-                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache)
+                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache, cpu_count())
                     # One legend of class names when every row draws the same classes (same seed).
                     same = len({tuple(x["class_names"]) for x in rows_}) == 1
                     n = len(rows_[0]["class_names"])
