@@ -71,11 +71,12 @@ def source_config(source: Path) -> Config:
 
 
 def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite: bool = False,
-                 meta: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 meta: dict | None = None, log: Callable[[str], None] | None = None, planned_for=None) -> dict:
     """A complete run of ``cfg`` in ``out``, evaluated from the checkpoints of the complete run in
     ``source`` (whose config must train as ``cfg`` does, see :func:`trains_like`); returns
     metrics.json's content. Refuses before writing anything: a source that is not complete or
-    trains otherwise, a folder in ``out`` in the way (as ``cilab run`` would)."""
+    trains otherwise, a folder in ``out`` in the way (as ``cilab run`` would). ``planned_for``
+    (reproduce): a run in ``out`` that the plan did not see is kept (:func:`runfolder.claim`)."""
     source, out = Path(source), Path(out)
     log = log or (lambda msg: tqdm.write(msg))
     if out.resolve() == source.resolve():
@@ -97,7 +98,7 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
             scenario = Scenario.for_run(cfg, data)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        with runfolder.claim(out, cfg, False, overwrite, log, resumable=False):
+        with runfolder.claim(out, cfg, False, overwrite, log, resumable=False, planned_for=planned_for):
             results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
             with runtime.applied():
                 protocol = Protocol(cfg, out, data, scenario, runtime, False, 0, meta or {}, log)

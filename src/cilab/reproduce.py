@@ -388,10 +388,9 @@ def run_one(spec: RunSpec, *, progress: bool = True, position: int = 1,
         try:
             # The plan found the folder new, half-done (made again) or to be replaced (--overwrite);
             # a run there now that it did not see was written since, and is kept.
-            if not spec.replaces:
-                runfolder.refuse_unplanned_run(spec.folder, spec.cfg)
             metrics = evaluate_run(spec.cfg, spec.source.folder, spec.folder, overwrite=True, log=log,
-                                   meta={"preset": spec.preset, "overrides": list(spec.overrides)})
+                                   meta={"preset": spec.preset, "overrides": list(spec.overrides)},
+                                   planned_for=None if spec.replaces else spec.cfg)
             return RunResult(spec, "evaluated", time.perf_counter() - start, metrics=metrics)
         except KeyboardInterrupt:
             raise

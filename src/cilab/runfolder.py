@@ -563,18 +563,20 @@ def config_diff(a: dict, b: dict) -> str:
 
 @contextlib.contextmanager
 def claim(out: Path, cfg, resume: bool, overwrite: bool, log: Callable[[str], None], *,
-          resumable: bool = True) -> Iterator[str]:
+          resumable: bool = True, planned_for=None) -> Iterator[str]:
     """Hold ``out`` for a run: create it, lock it, check it again, clear it if asked, mark it.
 
     The first :func:`check` ran before the data was loaded; the folder may
     have changed since (another run got there first), so it is checked again
     under the lock, and nothing is deleted before the lock is held. The lock
-    is released when the block ends, however it ends.
+    is released when the block ends, however it ends. ``planned_for``: as in
+    :func:`copy_run`, a run there that a plan did not see is kept.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()
     try:
+        refuse_unplanned_run(out, planned_for)
         action = check(out, cfg, resume, overwrite, locked=True, resumable=resumable)
         if action == "clear":
             kept = clear(out)
