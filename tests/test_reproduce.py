@@ -453,6 +453,33 @@ def test_a_tsne_is_computed_once_for_one_network_across_the_reports_of_a_study(t
     assert len(fitted) == 4
 
 
+def test_the_command_line_embeds_the_reports_tsne_with_a_process_a_core_and_python_with_one(tmp_path, monkeypatch):
+    """Spawned processes re-import a script's main module: only the commands ask for them by default."""
+    import inspect
+
+    from cilab import report as report_mod, reproduce as rp
+
+    assert inspect.signature(rp.reproduce).parameters["tsne_workers"].default == 1
+    assert inspect.signature(report_mod.make_report).parameters["tsne_workers"].default == 1
+    seen = []
+    monkeypatch.setattr(rp, "cpu_count", lambda: 7)
+    monkeypatch.setattr(report_mod, "cpu_count", lambda: 7)
+    monkeypatch.setattr(rp, "reproduce", lambda *a, **kw: seen.append(kw["tsne_workers"]) or ([], None))
+    cli.main(["reproduce", "baselines", "--out", str(tmp_path / "r"), "--no-report"])
+
+    class Stop(Exception):
+        pass
+
+    def make_report(*a, **kw):
+        seen.append(kw["tsne_workers"])
+        raise Stop
+
+    monkeypatch.setattr(report_mod, "make_report", make_report)
+    with pytest.raises(Stop):
+        cli.main(["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    assert seen == [7, 7]
+
+
 def test_runs_at_once_start_the_longest_first():
     from cilab.reproduce import longest_first, plan_study
 

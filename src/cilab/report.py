@@ -479,7 +479,8 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 tsne_at: tuple = TSNE_TASKS, tsne_classes: int = TSNE_CLASSES, exemplars: str | None = None,
                 exemplar_task: int | None = None, exemplars_per_class: int = 10, exemplar_classes: int = 20,
                 device: str = "auto", seed: int = 0, labels: dict[str, str] | None = None,
-                log: Callable[[str], None] = print, ddof: int = STD_DDOF, tsne_cache: dict | None = None) -> Report:
+                log: Callable[[str], None] = print, ddof: int = STD_DDOF, tsne_cache: dict | None = None,
+                tsne_workers: int = 1) -> Report:
     """Read the run folders under ``paths`` and write report.md, CSVs and figures into ``out``.
 
     ``confusion`` / ``tsne``: run names (folder names or paths) to draw; by
@@ -488,6 +489,8 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     ``labels``: run folder name -> variant label (see :func:`group_runs`).
     ``ddof``: 1 (sample std over seeds, the default) or 0 (the study's), see the module doc.
     ``tsne_cache``: embeddings shared with other reports (see ``tsne_rows``).
+    ``tsne_workers``: processes for the t-SNE embeddings (the command line: one a core). They are
+    spawned, so a script that asks for more than one calls this under ``if __name__ == "__main__":``.
     """
     import torch
 
@@ -544,7 +547,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 from .plots import plot_tsne
 
                 def draw():
-                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache, cpu_count())
+                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache, tsne_workers)
                     # One legend of class names when every row draws the same classes (same seed).
                     same = len({tuple(x["class_names"]) for x in rows_}) == 1
                     n = len(rows_[0]["class_names"])
@@ -693,7 +696,7 @@ def cmd_report(args) -> int:
                           draw_tsne=not args.no_tsne, tsne_at=tasks or TSNE_TASKS, tsne_classes=args.tsne_classes,
                           exemplars=args.exemplars, exemplar_task=args.exemplar_task,
                           exemplars_per_class=args.exemplars_per_class, exemplar_classes=args.exemplar_classes,
-                          device=args.device, seed=args.seed, ddof=args.ddof)
+                          device=args.device, seed=args.seed, ddof=args.ddof, tsne_workers=cpu_count())
     except ReportError as e:
         raise ConfigError(str(e)) from None
     print_summary(rep)

@@ -40,7 +40,7 @@ import yaml
 
 from . import experiment, results, runfolder
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
-from .executors import EXECUTORS, LocalExecutor, make_executor
+from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
 from .reevaluate import evaluate_run, training_key
 from .runspec import RunResult, RunSpec
 
@@ -485,9 +485,10 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
 
 
 def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print,
-                 tsne_cache: dict | None = None):
+                 tsne_cache: dict | None = None, tsne_workers: int = 1):
     """The group's report: confusion matrices and t-SNE rows for the first seed of each variant
-    (``tsne_cache``: embeddings shared with the other groups' reports)."""
+    (``tsne_cache``: embeddings shared with the other groups' reports; ``tsne_workers``: see
+    :func:`cilab.report.make_report`)."""
     from .report import make_report
 
     folders = [s.folder for s in specs if s.folder.exists() and any(s.folder.iterdir())]
@@ -498,13 +499,13 @@ def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log
     title = f"{specs[0].group} on {specs[0].cfg.data.name}"
     return make_report(folders, out, title=title, confusion=list(first.values()) or None,
                        tsne=list(first.values()) or None, draw_tsne=draw_tsne, log=log,
-                       labels={s.name: s.variant for s in specs}, tsne_cache=tsne_cache)
+                       labels={s.name: s.variant for s in specs}, tsne_cache=tsne_cache, tsne_workers=tsne_workers)
 
 
 def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | None = None, *,
               groups: dict | None = None, seeds: list[int] | None = None, overwrite: bool = False,
               progress: bool = True, report: bool = True, draw_tsne: bool = True, log: Callable[[str], None] = print,
-              executor: str = "local", **executor_options) -> tuple[list[RunResult], object]:
+              tsne_workers: int = 1, executor: str = "local", **executor_options) -> tuple[list[RunResult], object]:
     """Plan, run and report one group, several (a list, or names joined by commas) or ``"all"``;
     returns the run results and the report (several groups: a dict group -> report; None where
     none was written).
@@ -512,7 +513,8 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     Several groups are one plan and one pool of runs (:func:`plan_study`): a run two groups share
     trains once, and with runs at once the longest start first. Each group gets its own report.
     ``executor`` and its options (``jobs``, ``threads``; for Ray ``address``,
-    ``gpus_per_run``, ``cpus_per_run``) choose where the runs happen.
+    ``gpus_per_run``, ``cpus_per_run``) choose where the runs happen; ``tsne_workers`` the processes
+    of the reports' t-SNE (:func:`cilab.report.make_report`; the command line: one a core).
     """
     groups = load_groups() if groups is None else groups
     names = group_names(group, groups) if isinstance(group, str) else list(dict.fromkeys(group))
@@ -535,7 +537,8 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
         where = Path(out) / name
         try:
             reports[name] = report_group([s for s in specs if s.group == name], where / "report",
-                                         draw_tsne=draw_tsne, log=log, tsne_cache=tsne_cache)
+                                         draw_tsne=draw_tsne, log=log, tsne_cache=tsne_cache,
+                                         tsne_workers=tsne_workers)
         except Exception as e:  # noqa: BLE001 - the runs are done and saved; say why the report is missing
             log(f"could not write the report of {name}: {type(e).__name__}: {e}; run `cilab report {where} "
                 f"--out {where / 'report'}` to retry")
@@ -658,7 +661,7 @@ def cmd_reproduce(args) -> int:
     try:
         res, rep = reproduce(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
                              progress=not args.quiet, report=not args.no_report, draw_tsne=not args.no_tsne,
-                             executor=name, **options)
+                             tsne_workers=cpu_count(), executor=name, **options)
     except KeyboardInterrupt:
         cmd = ["cilab", "reproduce", args.group, "--out", str(args.out), *overrides]
         if args.seeds:
