@@ -47,7 +47,8 @@ def test_evaluated_from_checkpoints_equals_the_run_trained(runs):
             assert np.array_equal(c[k], t[k]), k
     # each checkpoint: the training state of A, the metrics B had after that task
     for t in range(5):
-        mine, theirs, direct = (torch.load(results.checkpoint_path(root / f, t), weights_only=False) for f in "cab")
+        mine, theirs, direct = (torch.load(results.checkpoint_path(root / f, t), weights_only=False, map_location="cpu")
+                                for f in "cab")
         for k, v in theirs["model"].items():
             assert torch.equal(mine["model"][k], v) and torch.equal(direct["model"][k], v), (t, k)
         assert all(mine["metrics"][c] == direct["metrics"][c] for c in ("fc", "knn"))
