@@ -19,6 +19,9 @@
 #   mps          100 s  the same with a CUDA MPS control daemon started for the step (N = 4,8),
 #                       skipped where nvidia-cuda-mps-control is missing
 #   batched       60 s  cilab bench batched (N = 1,2,4,8 ResNet-32s fused into one grouped network)
+#   fusedmps     150 s  the same in GPU_SH_FUSED_PROCESSES processes at once (default 4), each its own fused
+#                       network, under an MPS daemon started for the step (without one where it does not start):
+#                       the two levers together, batched_mps.json
 #   protocol     260 s  cilab bench protocol: iCaRL, 10 tasks x GPU_SH_PROTOCOL_EPOCHS (default 30:
 #                       ~95 s on an H100, fits after the suite; 10 x 70 takes ~190 s), once per
 #                       variant of GPU_SH_PROTOCOL_VARIANTS (as GPU_SH_VARIANTS below);
@@ -121,7 +124,7 @@ if [[ $SMOKE == 1 ]]; then
     STUDY=(train.epochs=1 train.milestones=[] model.name=resnet20 train.batch_size=32 memory.size=200
            memory.deepinversion.iterations=2)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-2}
-    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900 T_TSNE=400
+    T_TESTS=400 T_CONC=400 T_BATCHED=400 T_FUSED=400 T_PROT=400 T_THRU=400 T_SUITE=400 T_STUDY=900 T_TSNE=400
     TSNE_ROWS=${GPU_SH_TSNE_ROWS:-1}
 else
     TESTS=(tests/test_cuda.py tests/test_gpu_paths.py
@@ -135,7 +138,7 @@ else
     SUITE=(tests)
     STUDY=(train.epochs=1 train.milestones=[] memory.deepinversion.iterations=20)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-50}
-    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
+    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_FUSED=150 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
     T_TSNE=200 TSNE_ROWS=${GPU_SH_TSNE_ROWS:-4}
 fi
 
@@ -228,6 +231,10 @@ for s in $WANTED; do
              echo '{"step": "mps", "skipped": "nvidia-cuda-mps-control not found"}' >> "$STEPS"
          fi ;;
     batched) step batched "$T_BATCHED" "$PY" -m cilab.cli bench batched --out "$OUT/batched.json" ${BATCHED[@]+"${BATCHED[@]}"} ;;
+    fusedmps) MPS_OPTIONAL=1 step fusedmps "$T_FUSED" bash -c "$(declare -f with_mps); $( ((HAVE_MPS)) && echo with_mps) \"\$@\"" \
+                  fusedmps "$PY" -m cilab.cli bench batched --out "$OUT/batched_mps.json" \
+                  --processes "${GPU_SH_FUSED_PROCESSES:-4}" ${BATCHED[@]+"${BATCHED[@]}"}
+              echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1 ;;
     protocol) variants protocol "$T_PROT" "${GPU_SH_PROTOCOL_VARIANTS:-default=}" "${PROT[@]}" ;;
     throughput) variants throughput "$T_THRU" "${GPU_SH_VARIANTS:-default=}" "${THRU[@]}" ;;
     # make test's options (-n auto: a worker per core; a file per worker); -v: a suite cut off at its
@@ -239,7 +246,7 @@ for s in $WANTED; do
                study_run \"\$@\"" study "$PY" "$OUT" "${GPU_SH_STUDY_JOBS:-8}" "$STUDY_PER" "${STUDY[@]}"
            echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/cilab-mps/pipe nvidia-cuda-mps-control > /dev/null 2>&1 ;;
     tsne) step tsne "$T_TSNE" "$PY" benchmarks/tsne.py --rows "$TSNE_ROWS" --ways threads,pool --out "$OUT/tsne.json" ;;
-    *) echo "unknown step '$s' (tests concurrency mps batched protocol throughput suite study tsne)" >&2 ;;
+    *) echo "unknown step '$s' (tests concurrency mps batched fusedmps protocol throughput suite study tsne)" >&2 ;;
     esac
 done
 
@@ -273,11 +280,13 @@ for f in sorted(out.glob("protocol*.json")):
     print(f"{f.stem} {p['tasks']}x{p['epochs']} (cudnn_benchmark {p['cudnn_benchmark']}): {p['wall_s']:.1f} s wall, "
           f"train {p['train_s']:.1f} s, {p['train_images_per_s']:.0f} img/s, "
           f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
-if (out / "batched.json").exists():
-    b = json.load(open(out / "batched.json"))
+for f in sorted(out.glob("batched*.json")):
+    b = json.load(open(f))
+    where = f"{b['processes']} processes, MPS {'on' if b['mps_running'] else 'off'}" if b["processes"] > 1 else "1 process"
     for r in b["results"]:
-        print(f"batched N={r['models']}: {r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1")
-    print(f"batched: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
+        print(f"{f.stem} N={r['models']} ({where}): " + (r["error"] if "error" in r else
+              f"{r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1"))
+    print(f"{f.stem}: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
 if (out / "study.json").exists():
     st = json.load(open(out / "study.json"))
     runs = [r for r in st["runs"] if not r["copy_of"] and not r["evaluated_from"]]  # their timings are a trained run's

@@ -361,6 +361,34 @@ def test_batched_benchmark_json_adds_up(tmp_path):
     assert d["projected_study_train_s_at_best"] == pytest.approx(6_300_000 / max(one, three))
 
 
+def test_batched_benchmark_in_several_processes_adds_up(tmp_path):
+    """--processes P: P processes each train the fused network at once (fused networks under MPS,
+    the combination issue 17 left unmeasured); each process's images are steps x batch x N, and the
+    aggregate is all images over the span from the first start to the last end, on one clock."""
+    from cilab import cli
+    from cilab.executors import cpu_count
+
+    out = tmp_path / "batched.json"
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("g:\n  runs:\n    - {preset: finetune, seeds: [0]}\n")
+    assert cli.main(["bench", "batched", "--models", "1,2", "--processes", "2", "--steps", "2", "--study-seeds", "0",
+                     "--groups-file",
+                     str(groups), "--out", str(out), "train.batch_size=4", "model.name=resnet20",
+                     "train.device=cpu"]) == 0
+    d = json.loads(out.read_text())
+    assert d["processes"] == 2
+    for r, n in zip(d["results"], (1, 2)):
+        assert r["models"] == n and "error" not in r, r
+        assert [run["images"] for run in r["runs"]] == [2 * 4 * n] * 2  # each process: steps x batch x N
+        assert r["images"] == 2 * 2 * 4 * n
+        span = max(run["end"] for run in r["runs"]) - min(run["start"] for run in r["runs"])
+        assert r["seconds"] == pytest.approx(span) and r["images_per_s"] == pytest.approx(r["images"] / span)
+        assert all(run["threads"] == max(1, cpu_count() // 2) for run in r["runs"])  # reproduce --jobs 2's share
+    one, two = (r["images_per_s"] for r in d["results"])
+    assert d["results"][1]["speedup_over_one_model"] == pytest.approx(two / one)
+    assert d["projected_study_train_s_at_best"] == pytest.approx(3_150_000 / max(one, two))
+
+
 def test_throughput_benchmark_runs_on_the_cpu_and_records_what_it_trained_under(tmp_path):
     """a, b and c for two rounds on the CPU; the medians are those of the rounds, and the JSON
     records torch's cuDNN autotuning flag during the benchmark, as metrics.json does: with

@@ -316,6 +316,9 @@ def add_parser(sub) -> None:
     g = bsub.add_parser("batched", help="training images/s of N ResNets fused into one grouped network, per N")
     g.add_argument("--models", metavar="N,N,...", help="networks fused, to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
     g.add_argument("--steps", type=int, default=0, help="timed steps per N; 0 = 200 on CUDA, 2 on CPU")
+    g.add_argument("--processes", type=int, default=1,
+                   help="processes, each with its own fused network, timed at once (fused networks under MPS); "
+                        "default 1: in this process")
     _study_arguments(g)
     g.add_argument("--out", type=Path, help="also write the JSON here")
     g.add_argument("overrides", nargs="*", metavar="key=value",
@@ -377,8 +380,8 @@ def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2)
              "evaluated_from": s.source.label if s.action == "evaluate" else None} for s in specs]
 
 
-def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, warmup_epochs: int, threads: int,
-               seed: int) -> None:
+def _short_run(conn, barrier, seed: int, overrides: list[str], images: int, epochs: int, warmup_epochs: int,
+               threads: int) -> None:
     """One of N simultaneous runs (a spawned process): iCaRL's second-task step on random
     CIFAR-shaped data, warmed up, then ``epochs`` timed epochs started together with the others."""
     try:
@@ -409,9 +412,10 @@ def _short_run(conn, barrier, overrides: list[str], images: int, epochs: int, wa
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
-def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warmup_epochs: int,
-                    threads: int | None = None) -> dict:
-    """N short runs at once, each its own process on the same device; their numbers and the aggregate."""
+def _together(n: int, target, args: tuple, threads: int | None = None) -> dict:
+    """``target(conn, barrier, i, *args, threads)`` in n spawned processes on the one device, which
+    start their timed part together at the barrier and send back {images, start, end, ...} or
+    {error}; their numbers and the aggregate: all images / (last end - first start)."""
     import multiprocessing
 
     from .executors import cpu_count
@@ -422,8 +426,7 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
     procs, pipes = [], []
     for i in range(n):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_short_run, args=(send, barrier, overrides, images, epochs, warmup_epochs, threads, i),
-                        daemon=True)  # never outlives the benchmark
+        p = ctx.Process(target=target, args=(send, barrier, i, *args, threads), daemon=True)  # never outlives the benchmark
         p.start()
         send.close()
         procs.append(p)
@@ -435,7 +438,7 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
         except EOFError:
             runs.append({"error": "the process died without a word (out of memory?)"})
         p.join()
-    out = {"jobs": n, "threads_per_run": threads, "runs": runs}
+    out = {"threads_per_run": threads, "runs": runs}
     errors = [r["error"] for r in runs if "error" in r]
     if errors:
         return {**out, "error": "; ".join(dict.fromkeys(errors))}
@@ -445,6 +448,12 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     total = sum(r["images"] for r in runs)
     return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}
+
+
+def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warmup_epochs: int,
+                    threads: int | None = None) -> dict:
+    """N short runs at once, each its own process on the same device; their numbers and the aggregate."""
+    return {"jobs": n, **_together(n, _short_run, (overrides, images, epochs, warmup_epochs), threads)}
 
 
 def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
@@ -463,7 +472,6 @@ def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") 
 
 def concurrency(args) -> dict:
     """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
-    from .executors import mps_running
     from .reproduce import _parse_seeds, load_groups
 
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
@@ -480,7 +488,7 @@ def concurrency(args) -> dict:
         "benchmark": "concurrency", **_device_info(setup.device), **setup.settings(),
         "batch_size": setup.cfg.train.batch_size,
         "images_per_run": args.images, "epochs": epochs, "warmup_epochs": args.warmup_epochs,
-        "mps_running": mps_running() if setup.device.type == "cuda" else None, "load_average_1min": os.getloadavg()[0],
+        "mps_running": _mps_running(setup.device), "load_average_1min": os.getloadavg()[0],
         "results": results,
     }
     total = sum(r["images"] for r in study)
@@ -520,10 +528,63 @@ def concurrency(args) -> dict:
 GROUPED_BLOCKS = {"resnet20": 3, "resnet32": 5}  # blocks per stage of the CIFAR ResNets that fuse
 
 
-def batched(args) -> dict:
-    """Aggregate training img/s of N fused networks for each N, and the study's training time at the best."""
-    from .config import ConfigError
+def _fused_steps(setup: Setup, n: int, steps: int, barrier=None) -> dict:
+    """``steps`` timed steps of n fused networks (after the warm-up and capture), started at
+    ``barrier`` when other processes time theirs too; {images, start, end, graphed}."""
     from .models.grouped import GroupedResNetCifar
+
+    cfg, device = setup.cfg, setup.device
+    bs = cfg.train.batch_size
+    crit = Criterion(cfg.loss.classification, cfg.loss.distillation, 10, 20)
+    torch.manual_seed(0)
+    model = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
+    old = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
+    old.eval().requires_grad_(False)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    def loss_fn(x, y, out, old_out):
+        # every network's mean loss, summed: B x N rows as one batch of B*N, times N
+        rows = len(y) * n
+        return n * crit(out.logits.reshape(rows, -1), y.reshape(rows), old_out.logits.reshape(rows, -1))
+
+    step, _, _ = build_step(model, cfg.train, loss_fn, old, device, setup.rt.amp, setup.rt.graphs)
+    x = torch.randn(bs, 3 * n, 32, 32, device=device).contiguous(memory_format=setup.memory_format)
+    y = torch.randint(0, 20, (bs, n), device=device)
+    for _ in range(GraphedStep.WARMUP + 2):  # warm-up and capture, not timed
+        step(x, y)
+    _sync(device)
+    if barrier is not None:
+        barrier.wait(timeout=600)
+    start = time.monotonic()  # one clock for every process of the machine, as concurrency's runs
+    for _ in range(steps):
+        step(x, y)
+    _sync(device)
+    end = time.monotonic()
+    # a failed capture falls back to eager steps ("try"): say which the figure is
+    graphed = isinstance(step, GraphedStep) and not step.failed
+    return {"images": steps * bs * n, "start": start, "end": end, "graphed": graphed}
+
+
+def _fused_process(conn, barrier, i: int, overrides: list[str], n: int, steps: int, threads: int) -> None:
+    """One of ``--processes`` processes timing the fused step at once (a spawned process)."""
+    try:
+        torch.set_num_threads(threads)
+        setup = Setup(overrides)
+        with setup.rt.applied():
+            conn.send({**_fused_steps(setup, n, steps, barrier), "threads": threads, "device": str(setup.device)})
+    except BaseException as e:  # noqa: BLE001 - reported in the JSON, the next N goes on
+        barrier.abort()
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def batched(args) -> dict:
+    """Aggregate training img/s of N fused networks for each N, and the study's training time at the best.
+
+    With ``--processes P`` > 1, P processes train their own fused network at once (each as
+    concurrency's runs do, with cores // P threads): fused networks under MPS.
+    """
+    from .config import ConfigError
     from .reproduce import _parse_seeds, load_groups
 
     setup = Setup(args.overrides)
@@ -531,50 +592,44 @@ def batched(args) -> dict:
     if cfg.model.name not in GROUPED_BLOCKS:
         raise ConfigError(f"bench batched fuses cilab's CIFAR ResNets ({', '.join(GROUPED_BLOCKS)}), "
                           f"not model.name={cfg.model.name}")
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     models = _parse_jobs(args.models, device, "--models")
     steps = args.steps or (200 if device.type == "cuda" else 2)
-    bs = cfg.train.batch_size
-    crit = Criterion(cfg.loss.classification, cfg.loss.distillation, 10, 20)
     results = []
-    with setup.rt.applied():
-        for n in models:
-            torch.manual_seed(0)
-            model = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
-            old = GroupedResNetCifar(n, GROUPED_BLOCKS[cfg.model.name], 100).to(device, memory_format=setup.memory_format)
-            old.eval().requires_grad_(False)
-            if cfg.train.compile:
-                model = torch.compile(model)
-
-            def loss_fn(x, y, out, old_out, n=n):
-                # every network's mean loss, summed: B x N rows as one batch of B*N, times N
-                rows = len(y) * n
-                return n * crit(out.logits.reshape(rows, -1), y.reshape(rows),
-                                old_out.logits.reshape(rows, -1))
-
-            step, _, _ = build_step(model, cfg.train, loss_fn, old, device, setup.rt.amp, setup.rt.graphs)
-            x = torch.randn(bs, 3 * n, 32, 32, device=device).contiguous(memory_format=setup.memory_format)
-            y = torch.randint(0, 20, (bs, n), device=device)
-            for _ in range(GraphedStep.WARMUP + 2):  # warm-up and capture, not timed
-                step(x, y)
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(steps):
-                step(x, y)
-            _sync(device)
-            seconds = time.perf_counter() - t
-            # a failed capture falls back to eager steps ("try"): say which the figure is
-            graphed = isinstance(step, GraphedStep) and not step.failed
-            results.append({"models": n, "steps": steps, "images": steps * bs * n, "seconds": seconds,
-                            "images_per_s": steps * bs * n / seconds, "graphed": graphed})
-            del model, old, step
-    base = next((r for r in results if r["models"] == 1), None)
-    for r in results:
+    for n in models:
+        if args.processes == 1:
+            with setup.rt.applied():
+                r = _fused_steps(setup, n, steps)
+            seconds = r.pop("end") - r.pop("start")
+            results.append({"models": n, **r, "seconds": seconds, "images_per_s": r["images"] / seconds})
+            continue
+        together = _together(args.processes, _fused_process, (args.overrides, n, steps))
+        if "error" in together:
+            results.append({"models": n, **together})
+            continue
+        results.append({"models": n, "runs": together["runs"], "threads_per_run": together["threads_per_run"],
+                        "images": together["images"], "seconds": together["wall_s"],
+                        "images_per_s": together["aggregate_images_per_s"],
+                        "graphed": all(run["graphed"] for run in together["runs"])})
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        raise RuntimeError("bench batched: every N failed: " + "; ".join(r["error"] for r in results))
+    base = next((r for r in ok if r["models"] == 1), None)
+    for r in ok:
         r["speedup_over_one_model"] = r["images_per_s"] / base["images_per_s"] if base else None
-    best = max(results, key=lambda r: r["images_per_s"])
+    best = max(ok, key=lambda r: r["images_per_s"])
     total = sum(r["images"] for r in study_images(load_groups(args.groups_file), _parse_seeds(args.study_seeds),
                                                   classes=args.classes, per_class=args.per_class))
-    return {"benchmark": "batched", **_device_info(device), **setup.settings(), "batch_size_per_model": bs,
-            "results": results,
+    return {"benchmark": "batched", **_device_info(device), **setup.settings(),
+            "batch_size_per_model": cfg.train.batch_size, "processes": args.processes,
+            "mps_running": _mps_running(device), "results": results,
             "study_train_images": total, "best_models": best["models"],
             # a ceiling: every image at the best fused rate, no data loading, herding or evaluation
             "projected_study_train_s_at_best": total / best["images_per_s"]}
+
+
+def _mps_running(device) -> bool | None:
+    from .executors import mps_running
+
+    return mps_running() if device.type == "cuda" else None
