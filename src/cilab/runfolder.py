@@ -492,18 +492,28 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
     )
 
 
-_DIFFERS = "its config differs"
-
-
 def _check_same_config(out: Path, cfg) -> None:
-    problem = config_conflict(out, cfg)
-    if problem:
-        fix = ("rerun with the same preset and overrides" if problem.startswith(_DIFFERS)
+    conflict = config_conflict(out, cfg)
+    if conflict:
+        fix = ("rerun with the same preset and overrides" if conflict.differs
                else "start it again with --overwrite, or choose another --out")  # unreadable, or an older cilab's
-        raise RunFolderError(f"cannot resume {out}: {problem}; {fix}")
+        raise RunFolderError(f"cannot resume {out}: {conflict}; {fix}")
 
 
-def config_conflict(out: Path, cfg) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class ConfigConflict:
+    """Why a folder's run is not a run of the config at hand. ``differs``: its config is readable
+    and another (the same preset and overrides would resume it); otherwise it is unreadable or an
+    older cilab's, which only --overwrite resolves. Prints as the problem."""
+
+    problem: str
+    differs: bool
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+def config_conflict(out: Path, cfg) -> ConfigConflict | None:
     """Why the run in ``out`` is not a run of ``cfg`` (None: it is, or it saved no config yet).
 
     The one comparison for ``cilab run --resume`` and ``cilab reproduce``: the ``log``
@@ -515,9 +525,9 @@ def config_conflict(out: Path, cfg) -> str | None:
     try:
         old = read_config(out)
     except ConfigError as e:
-        return str(e)
+        return ConfigConflict(str(e), differs=False)
     if dataclasses.replace(old, log=cfg.log) != cfg:
-        return f"{_DIFFERS} ({config_diff(old.to_dict(), cfg.to_dict())})"
+        return ConfigConflict(f"its config differs ({config_diff(old.to_dict(), cfg.to_dict())})", differs=True)
     return None
 
 
