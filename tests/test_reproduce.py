@@ -434,9 +434,22 @@ def test_a_copy_or_evaluation_never_replaces_a_complete_run_written_after_the_pl
 
 def test_a_tsne_is_computed_once_for_one_network_across_the_reports_of_a_study(tmp_path, npz, monkeypatch):
     """Plain iCaRL in two groups (a copy) and its hybrid (evaluated from its checkpoints) are one network:
-    its t-SNE (tens of seconds a panel on CIFAR-100) is fitted once for the three report rows that show it."""
+    its t-SNE (tens of seconds a panel on CIFAR-100) is fitted once for the three report rows that show it.
+    The reports' figures also load the dataset once, not once a group."""
+    import inspect
+
     from sklearn.manifold import TSNE
 
+    import cilab.data
+
+    loads, real_load = [], cilab.data.load_dataset
+
+    def counting_load(cfg):
+        if any(f.filename.endswith("checkpoint_figures.py") for f in inspect.stack()):
+            loads.append(cfg.name)  # a load for the reports' figures
+        return real_load(cfg)
+
+    monkeypatch.setattr(cilab.data, "load_dataset", counting_load)
     groups = {"a": {"runs": [{"preset": "icarl", "seeds": [0]},
                              {"preset": "icarl", "tag": "hybrid1", "seeds": [0], "overrides": ["eval.classifiers=[fc]"]}]},
               "b": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
@@ -444,6 +457,7 @@ def test_a_tsne_is_computed_once_for_one_network_across_the_reports_of_a_study(t
     monkeypatch.setattr(TSNE, "fit_transform", lambda self, x, *a, **k: fitted.append(len(x)) or real(self, x, *a, **k))
     reproduce("all", tmp_path, npz_overrides(npz, tasks=2), groups=groups, progress=False, log=lambda _: None)
     assert len(fitted) == 2  # after task 1 and task 2, not 2 x 3
+    assert loads == ["npz"]  # one dataset for both groups' figures
     for g in ("a", "b"):
         assert (tmp_path / g / "report" / "tsne.png").exists()
     # a network trained otherwise gets its own

@@ -8,6 +8,7 @@ folder's path, its metrics and status).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,16 @@ from .errors import ReportError
 
 TSNE_CLASSES = 5  # "Five class of the first task are chosen" (the study, figure 4)
 TSNE_TASKS = (1, 5, 10)  # "at task 1, 5 and 10"; clamped to the run's tasks, the last one always drawn
+
+
+@dataclass
+class FigureCache:
+    """What the figures of several reports share (``cilab reproduce`` gives every group's report
+    one): the datasets loaded, by their data config, and the t-SNE embeddings, by their
+    features (see :func:`tsne_rows`)."""
+
+    datasets: dict = field(default_factory=dict)
+    embeddings: dict = field(default_factory=dict)
 
 
 class RunState:
@@ -81,12 +92,12 @@ def tsne_tasks(num_done: int, wanted=TSNE_TASKS) -> list[int]:
 
 
 def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, log,
-              cache: dict | None = None, workers: int = 1) -> list[dict]:
+              embeddings: dict | None = None, workers: int = 1) -> list[dict]:
     """One row of t-SNE panels per run, at the tasks ``tsne_tasks`` picks.
 
     Every panel's features first, then their embeddings (``cilab.embedding``:
     one thread each, in a pool of up to ``workers`` processes for large ones),
-    then the rows. ``cache`` (features -> embedding) lets reports share
+    then the rows. ``embeddings`` (features -> embedding) lets reports share
     embeddings: the same features give the same embedding, and a study shows
     one network in several rows (a run copied to several groups, runs
     evaluated from its checkpoints), each panel tens of seconds of CPU on
@@ -96,7 +107,7 @@ def tsne_rows(states: list[RunState], n_classes: int, wanted_tasks, seed: int, l
 
     from .embedding import embed_all
 
-    cache = {} if cache is None else cache
+    cache = {} if embeddings is None else embeddings
     rows, todo = [], {}  # todo: key -> (features, perplexity, seed), the embeddings to make
     for st in states:
         m = st.run.metrics

@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 
 from . import results
-from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, RunState, exemplar_figure, tsne_rows
+from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, FigureCache, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError, parse_override
 from .errors import ReportError
 from .executors import cpu_count
@@ -479,7 +479,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 tsne_at: tuple = TSNE_TASKS, tsne_classes: int = TSNE_CLASSES, exemplars: str | None = None,
                 exemplar_task: int | None = None, exemplars_per_class: int = 10, exemplar_classes: int = 20,
                 device: str = "auto", seed: int = 0, labels: dict[str, str] | None = None,
-                log: Callable[[str], None] = print, ddof: int = STD_DDOF, tsne_cache: dict | None = None,
+                log: Callable[[str], None] = print, ddof: int = STD_DDOF, cache: FigureCache | None = None,
                 tsne_workers: int = 1) -> Report:
     """Read the run folders under ``paths`` and write report.md, CSVs and figures into ``out``.
 
@@ -488,7 +488,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     that cannot be drawn becomes a note in report.md, never an exception.
     ``labels``: run folder name -> variant label (see :func:`group_runs`).
     ``ddof``: 1 (sample std over seeds, the default) or 0 (the study's), see the module doc.
-    ``tsne_cache``: embeddings shared with other reports (see ``tsne_rows``).
+    ``cache``: datasets and t-SNE embeddings shared with other reports (:class:`FigureCache`).
     ``tsne_workers``: processes for the t-SNE embeddings (the command line: one a core). They are
     spawned, so a script that asks for more than one calls this under ``if __name__ == "__main__":``.
     """
@@ -529,7 +529,8 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
 
         dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
                            ("cpu" if device == "auto" else device))
-        datasets: dict = {}
+        cache = FigureCache() if cache is None else cache
+        datasets = cache.datasets
         if draw_tsne:
             chosen = _select(runs, tsne, "tsne") if tsne else [v.runs[0] for v in variants]
             states = []
@@ -547,7 +548,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                 from .plots import plot_tsne
 
                 def draw():
-                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, tsne_cache, tsne_workers)
+                    rows_ = tsne_rows(states, tsne_classes, tsne_at, seed, log, cache.embeddings, tsne_workers)
                     # One legend of class names when every row draws the same classes (same seed).
                     same = len({tuple(x["class_names"]) for x in rows_}) == 1
                     n = len(rows_[0]["class_names"])

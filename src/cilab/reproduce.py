@@ -39,6 +39,7 @@ from typing import Callable
 import yaml
 
 from . import experiment, results, runfolder
+from .checkpoint_figures import FigureCache
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
 from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
 from .reevaluate import evaluate_run, training_key
@@ -485,10 +486,9 @@ def run_all(specs: list[RunSpec], *, executor=None, progress: bool = True,
 
 
 def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log=print,
-                 tsne_cache: dict | None = None, tsne_workers: int = 1):
+                 cache: FigureCache | None = None, tsne_workers: int = 1):
     """The group's report: confusion matrices and t-SNE rows for the first seed of each variant
-    (``tsne_cache``: embeddings shared with the other groups' reports; ``tsne_workers``: see
-    :func:`cilab.report.make_report`)."""
+    (``cache``: datasets and embeddings shared with the other groups' reports; ``tsne_workers``: see :func:`cilab.report.make_report`)."""
     from .report import make_report
 
     folders = [s.folder for s in specs if s.folder.exists() and any(s.folder.iterdir())]
@@ -499,7 +499,7 @@ def report_group(specs: list[RunSpec], out: Path, *, draw_tsne: bool = True, log
     title = f"{specs[0].group} on {specs[0].cfg.data.name}"
     return make_report(folders, out, title=title, confusion=list(first.values()) or None,
                        tsne=list(first.values()) or None, draw_tsne=draw_tsne, log=log,
-                       labels={s.name: s.variant for s in specs}, tsne_cache=tsne_cache, tsne_workers=tsne_workers)
+                       labels={s.name: s.variant for s in specs}, cache=cache, tsne_workers=tsne_workers)
 
 
 def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | None = None, *,
@@ -532,12 +532,13 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
             + (f", {copied} copied from an identical run of another group" if copied else "")
             + (f", {evaluated} evaluated from the checkpoints of a run that trains alike" if evaluated else "") + ")")
     res = run_all(specs, executor=runner, progress=progress)
-    reports, tsne_cache = {}, {}  # one network in several groups' reports: its t-SNE fitted once
+    # one dataset loaded, and one network's t-SNE fitted, once for every group's report
+    reports, cache = {}, FigureCache()
     for name in names if report else []:
         where = Path(out) / name
         try:
             reports[name] = report_group([s for s in specs if s.group == name], where / "report",
-                                         draw_tsne=draw_tsne, log=log, tsne_cache=tsne_cache,
+                                         draw_tsne=draw_tsne, log=log, cache=cache,
                                          tsne_workers=tsne_workers)
         except Exception as e:  # noqa: BLE001 - the runs are done and saved; say why the report is missing
             log(f"could not write the report of {name}: {type(e).__name__}: {e}; run `cilab report {where} "
