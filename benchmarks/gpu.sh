@@ -27,7 +27,8 @@
 #                       variant of GPU_SH_PROTOCOL_VARIANTS (as GPU_SH_VARIANTS below);
 #                       GPU_SH_PROTOCOL_TIMEOUT sets the timeout
 #   throughput   100 s  cilab bench throughput, one round per variant of GPU_SH_VARIANTS
-#                       (space-separated NAME=key=value,key=value; default: one, no overrides)
+#                       (space-separated NAME=key=value,key=value; default: one, no overrides);
+#                       GPU_SH_THROUGHPUT_TIMEOUT sets the timeout (a compile variant compiles first)
 #   suite        420 s  the whole test suite as make test runs it: pytest-xdist, GPU_SH_WORKERS processes
 #                       (default auto: one per core), GPU_SH_DIST (default loadfile: a file per worker)
 #   study        240 s  the whole study end to end: cilab reproduce all, seed 0, GPU_SH_STUDY_JOBS runs at
@@ -138,7 +139,7 @@ else
     SUITE=(tests)
     STUDY=(train.epochs=1 train.milestones=[] memory.deepinversion.iterations=20)
     STUDY_PER=${GPU_SH_STUDY_PER_CLASS:-50}
-    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_FUSED=150 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=100 T_SUITE=420 T_STUDY=240
+    T_TESTS=190 T_CONC=100 T_BATCHED=60 T_FUSED=150 T_PROT=${GPU_SH_PROTOCOL_TIMEOUT:-260} T_THRU=${GPU_SH_THROUGHPUT_TIMEOUT:-100} T_SUITE=420 T_STUDY=240
     T_TSNE=200 TSNE_ROWS=${GPU_SH_TSNE_ROWS:-4}
 fi
 
@@ -279,7 +280,7 @@ for f in sorted(out.glob("protocol*.json")):
     p = json.load(open(f))
     print(f"{f.stem} {p['tasks']}x{p['epochs']} (cudnn_benchmark {p['cudnn_benchmark']}): {p['wall_s']:.1f} s wall, "
           f"train {p['train_s']:.1f} s, {p['train_images_per_s']:.0f} img/s, "
-          f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%")
+          f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%" + (f"; WARNINGS {p['warnings']}" if p.get("warnings") else ""))
 for f in sorted(out.glob("batched*.json")):
     b = json.load(open(f))
     where = f"{b['processes']} processes, MPS {'on' if b['mps_running'] else 'off'}" if b["processes"] > 1 else "1 process"
@@ -303,7 +304,7 @@ if (out / "tsne.json").exists():
 for f in sorted(out.glob("throughput*.json")):
     t = json.load(open(f))
     print(f"{f.stem}: a {t['a_bare_step_img_s']:.0f} b {t['b_cilab_trainer_img_s']:.0f} "
-          f"c {t['c_reference_dataloader_img_s']:.0f} img/s")
+          f"c {t['c_reference_dataloader_img_s']:.0f} img/s" + (f"; WARNINGS {t['warnings']}" if t.get("warnings") else ""))
 EOF
 echo "results in $OUT (steps.json says which steps passed)" >&2
 

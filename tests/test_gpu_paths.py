@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -409,12 +410,36 @@ def test_throughput_benchmark_runs_on_the_cpu_and_records_what_it_trained_under(
     d = json.loads(out.read_text())
     assert d["cudnn_benchmark"] is True and d["amp"] == "off" and d["cuda_graphs"] == "off"
     assert d["compile"] is False and d["model"] == "resnet20" and d["deterministic"] is False
+    assert d["warnings"] == []  # nothing fell back (a failed capture would be listed: see the protocol's test)
     assert d["images_per_epoch"] == 64 and d["epochs_per_round"] == 1  # a round is one epoch on the CPU
     for key, k in (("a_bare_step_img_s", "a"), ("b_cilab_trainer_img_s", "b"), ("c_reference_dataloader_img_s", "c")):
         rounds = d["all_rounds_img_s"][k]
         assert len(rounds) == 2 and all(r > 0 for r in rounds)
         assert d[key] == pytest.approx((rounds[0] + rounds[1]) / 2)  # the median of two
     assert d["b_over_a"] == pytest.approx(d["b_cilab_trainer_img_s"] / d["a_bare_step_img_s"])
+
+
+def test_protocol_benchmark_records_the_warnings_of_its_run(tmp_path, monkeypatch):
+    """A CUDA-graph capture that fails under train.cuda_graphs=auto warns and trains on eagerly: the
+    benchmark's figure is then an eager one (a torch.compile variant, say), and its JSON must say so."""
+    from cilab import cli, experiment
+
+    real_run = experiment.run
+
+    def run(*a, **kw):
+        warnings.warn("CUDA-graph capture of the training step failed (stand-in); training on with eager steps",
+                      RuntimeWarning)
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(experiment, "run", run)
+    out = tmp_path / "protocol.json"
+    assert cli.main(["bench", "protocol", "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--quiet",
+                     "--out", str(out), "train.batch_size=32", "memory.size=40", "model.name=resnet20",
+                     "train.device=cpu"]) == 0
+    d = json.loads(out.read_text())
+    assert d["tasks"] == 2 and d["epochs"] == 1 and d["data"].startswith("random CIFAR-shaped")
+    assert d["warnings"] == ["RuntimeWarning: CUDA-graph capture of the training step failed (stand-in); "
+                             "training on with eager steps"]
 
 
 def test_batched_benchmark_refuses_what_it_cannot_fuse(capsys):

@@ -34,12 +34,14 @@ use random CIFAR-shaped data, which costs the same to train on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,19 @@ from .trainer import GraphedStep, build_step, train_task
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _warnings_into(seen: list[str]):
+    """Record the warnings raised in the block into ``seen`` (each message once), and show them
+    as usual: a figure made while, say, a CUDA-graph capture failed and training went on eagerly
+    (train.cuda_graphs=auto) is an eager figure, and the benchmark's JSON must say so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    seen.extend(m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in seen)
 
 
 def _device_info(device) -> dict:
@@ -205,8 +220,10 @@ def throughput(args) -> dict:
     """Rounds of a, b, c in turn; medians. Interleaving keeps drifting load
     (another process, thermal state) from favouring whichever ran first."""
     setup = Setup(args.overrides)
-    with setup.rt.applied():  # train.deterministic, as a run would train
-        return _throughput(args, setup)
+    seen: list[str] = []
+    with setup.rt.applied(), _warnings_into(seen):  # train.deterministic, as a run would train
+        out = _throughput(args, setup)
+    return {**out, "warnings": seen}
 
 
 def _throughput(args, setup: Setup) -> dict:
@@ -238,7 +255,7 @@ def _throughput(args, setup: Setup) -> dict:
 
 def protocol(args) -> dict:
     """Wall time of a whole iCaRL run on CIFAR-100 if present, else random CIFAR-shaped data."""
-    from .experiment import run
+    from . import experiment
 
     overrides = [f"scenario.num_tasks={args.tasks}", f"train.epochs={args.epochs}", "eval.classifiers=[nme,fc]",
                  *args.overrides]
@@ -264,8 +281,10 @@ def protocol(args) -> dict:
             data = ["data.name=npz", f"data.path={path}"]
             source = f"random CIFAR-shaped ({per} train images per class)"
         cfg = build_config("icarl", overrides + data)
+        seen: list[str] = []
         t = time.perf_counter()
-        m = run(cfg, Path(tmp) / "run", progress=not args.quiet)
+        with _warnings_into(seen):
+            m = experiment.run(cfg, Path(tmp) / "run", progress=not args.quiet)
         wall = time.perf_counter() - t
     tm = m["timing"]
     return {
@@ -276,7 +295,7 @@ def protocol(args) -> dict:
         "train_s": tm["train_s"], "memory_s": tm["memory_s"], "eval_s": tm["eval_s"],
         "memory_and_eval_fraction": (tm["memory_s"] + tm["eval_s"]) / max(tm["total_s"], 1e-9),
         "train_images_per_s": m["train_images_per_s"],
-        "final_accuracy_nme": m["nme"]["final_accuracy"],
+        "final_accuracy_nme": m["nme"]["final_accuracy"], "warnings": seen,
     }
 
 
@@ -571,8 +590,10 @@ def _fused_process(conn, barrier, i: int, overrides: list[str], n: int, steps: i
     try:
         torch.set_num_threads(threads)
         setup = Setup(overrides)
-        with setup.rt.applied():
-            conn.send({**_fused_steps(setup, n, steps, barrier), "threads": threads, "device": str(setup.device)})
+        seen: list[str] = []
+        with setup.rt.applied(), _warnings_into(seen):
+            r = _fused_steps(setup, n, steps, barrier)
+        conn.send({**r, "warnings": seen, "threads": threads, "device": str(setup.device)})
     except BaseException as e:  # noqa: BLE001 - reported in the JSON, the next N goes on
         barrier.abort()
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -599,8 +620,10 @@ def batched(args) -> dict:
     results = []
     for n in models:
         if args.processes == 1:
-            with setup.rt.applied():
+            seen: list[str] = []
+            with setup.rt.applied(), _warnings_into(seen):
                 r = _fused_steps(setup, n, steps)
+            r["warnings"] = seen
             seconds = r.pop("end") - r.pop("start")
             results.append({"models": n, **r, "seconds": seconds, "images_per_s": r["images"] / seconds})
             continue
