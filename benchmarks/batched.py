@@ -3,7 +3,7 @@ study's training time at the best N; JSON out.
 
     python benchmarks/batched.py [--models 1,2,4,8] [--steps S] [--out FILE] [key=value ...]
 
-Same as `cilab bench batched`; see src/cilab/bench.py, src/cilab/models/grouped.py and the README (Speed).
+Same as `cilab bench batched`; see src/cilab/bench/fused.py, src/cilab/models/grouped.py and the README (Speed).
 """
 import sys
 

@@ -3,7 +3,7 @@ whole study's projected wall time from the best N; JSON out.
 
     python benchmarks/concurrency.py [--jobs 1,2,4,8] [--epochs E] [--out FILE] [key=value ...]
 
-Same as `cilab bench concurrency`; see src/cilab/bench.py and the README (Speed).
+Same as `cilab bench concurrency`; see src/cilab/bench/sharing.py and the README (Speed).
 """
 import sys
 

@@ -2,7 +2,7 @@
 
     python benchmarks/protocol.py [--tasks 10] [--epochs 70] [--out FILE] [key=value ...]
 
-Same as `cilab bench protocol`; see src/cilab/bench.py and the README (Speed).
+Same as `cilab bench protocol`; see src/cilab/bench/wholerun.py and the README (Speed).
 """
 import sys
 

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--out FILE] [--workers N] [key=value ...]
 
-Same as `cilab bench throughput`; see src/cilab/bench.py and the README (Speed).
+Same as `cilab bench throughput`; see src/cilab/bench/pipeline.py and the README (Speed).
 """
 import sys
 

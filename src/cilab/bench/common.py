@@ -1,0 +1,118 @@
+"""What the benchmarks share: the config and device they train under, and how they describe them."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import warnings
+
+import torch
+
+from ..config import build_config
+from ..data.loader import BatchLoader, Normalizer
+from ..experiment import Runtime
+from ..losses import Criterion
+from ..models import create_model
+from ..trainer import build_step, train_task
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _warnings_into(seen: list[str]):
+    """Record the warnings raised in the block into ``seen`` (each message once), and show them
+    as usual: a figure made while, say, a CUDA-graph capture failed and training went on eagerly
+    (train.cuda_graphs=auto) is an eager figure, and the benchmark's JSON must say so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    seen.extend(m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in seen)
+
+
+def _device_info(device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Setup:
+    """The config and what it resolves to on this machine, shared by a, b and c."""
+
+    def __init__(self, train_overrides: list[str]):
+        self.cfg = build_config("icarl", ["data.name=digits", *train_overrides])
+        self.rt = Runtime.resolve(self.cfg.train)
+        self.device, self.memory_format = self.rt.device, self.rt.memory_format
+
+    def settings(self) -> dict:
+        """What the benchmark trains under, for its JSON. cuDNN autotuning is read from torch while
+        the run's settings are applied, as metrics.json records it: on a CPU, where
+        train.cudnn_benchmark=auto leaves torch's flag alone, that is the flag as it was."""
+        with self.rt.applied():
+            cudnn_benchmark = torch.backends.cudnn.benchmark
+        return {"amp": self.rt.amp, "channels_last": self.rt.channels_last, "cuda_graphs": self.rt.graphs,
+                "deterministic": self.rt.deterministic, "cudnn_benchmark": cudnn_benchmark,
+                "compile": self.cfg.train.compile, "model": self.cfg.model.name}
+
+    def model(self, num_classes: int = 100) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = create_model(self.cfg.model, num_classes).to(self.device, memory_format=self.memory_format)
+        return torch.compile(model) if self.cfg.train.compile else model
+
+    def criterion(self) -> Criterion:
+        # the first task's loss: BCE over all outputs, no distillation
+        return Criterion(self.cfg.loss.classification, "none", 0, 10)
+
+    def step(self, model):
+        """The trainer's own step (optimiser, autocast, CUDA graph), as train_task builds it."""
+        step, _, _ = build_step(model, self.cfg.train, self.criterion(), None, self.device, self.rt.amp, self.rt.graphs)
+        return step
+
+    def loader(self, images: int, num_classes: int, seed: int = 0) -> BatchLoader:
+        """Random CIFAR-shaped uint8 data on the device, batched and augmented as a run's task data."""
+        x, y = _random_cifar(images, num_classes, seed)
+        normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return BatchLoader(x.to(self.device), y.to(self.device), self.cfg.train.batch_size, normalizer, True, gen,
+                           self.rt.channels_last)
+
+    def train(self, model, loader: BatchLoader, crit: Criterion, old_model, task: int, epochs: int) -> int:
+        """``epochs`` epochs of trainer.train_task (no milestones; the shared config stays as it is)."""
+        cfg = dataclasses.replace(self.cfg.train, epochs=epochs, milestones=[])
+        return train_task(model, loader, cfg, crit, old_model, task, self.device, self.rt.amp, progress=False,
+                          graphs=self.rt.graphs)
+
+
+def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.arange(n) % num_classes
+    return x, y
+
+
+def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
+    from ..config import ConfigError
+
+    if text is None:
+        return [1, 2, 4, 8] if device.type == "cuda" else [1, 2]
+    try:
+        jobs = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        jobs = []
+    if not jobs or min(jobs) < 1:
+        raise ConfigError(f"{option} must be comma-separated integers >= 1 (e.g. 1,2,4,8), got '{text}'")
+    return jobs
+
+
+def _mps_running(device) -> bool | None:
+    from ..executors import mps_running
+
+    return mps_running() if device.type == "cuda" else None
