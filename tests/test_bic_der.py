@@ -170,7 +170,7 @@ def test_der_grows_and_keeps_old_extractors_bit_for_bit(monkeypatch, tmp_path):
     # the report (t-SNE, exemplar grid) rebuilds the grown network from the checkpoint, as a resume does
     from cilab.evaluation import extract_features
     from cilab.checkpoint_figures import RunState
-    from cilab.report import load_run
+    from cilab.aggregate import load_run
 
     st = RunState(load_run(out), "cpu", {})
     model, memory = st.load(2)

@@ -206,7 +206,7 @@ def test_runs_a_b50_split_on_digits_with_balanced_finetuning(method, tmp_path):
     assert not torch.equal(heads[0][:rows], heads[1][:rows])
     # the report (t-SNE) rebuilds the method's network and the B50 class order from the run folder
     from cilab.checkpoint_figures import RunState
-    from cilab.report import load_run
+    from cilab.aggregate import load_run
 
     model, _ = RunState(load_run(out), "cpu", {}).load(2)
     assert type(model.head) is type(experiment.METHODS[method]().build_model(build_config(method).model, 10).head)

@@ -16,7 +16,8 @@ from cilab import cli, results
 from cilab.config import build_config
 from cilab.experiment import run
 from cilab.plots import CONFUSION_FIGSIZE, DPI, FIGSIZE, TSNE_EXTRA_IN, TSNE_PANEL_IN, exemplar_grid_size
-from cilab.report import find_run_folders, group_runs, load_run, make_report
+from cilab.aggregate import find_run_folders, group_runs, load_run
+from cilab.report import make_report
 from helpers import fake_metrics, npz_overrides, tiny_npz, write_run
 
 

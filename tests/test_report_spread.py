@@ -9,7 +9,7 @@ import csv
 import pytest
 
 from cilab import cli, plots
-from cilab.report import find_run_folders, format_summary_table, group_runs, load_run, summarize_variants
+from cilab.aggregate import find_run_folders, format_summary_table, group_runs, load_run, summarize_variants
 
 from helpers import fake_metrics, write_run
 

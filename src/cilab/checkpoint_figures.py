@@ -2,7 +2,7 @@
 
 Used by ``cilab report``: each task's checkpoint holds the network and the
 exemplars, and the run folder's config.yaml rebuilds the data, the class order
-and the normaliser. ``run`` arguments are ``cilab.report.Run`` objects (a
+and the normaliser. ``run`` arguments are ``cilab.aggregate.Run`` objects (a
 folder's path, its metrics and status).
 """
 
