@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from cilab import cli, executors, reproduce as rp, results, runfolder
+from cilab import cli, executors, reproduce as rp, results, runlock
 from cilab.config import ConfigError
 from cilab.executors import LocalExecutor, make_executor
 from cilab.reproduce import reproduce
@@ -117,7 +117,7 @@ def test_jobs_2_evaluates_in_workers_two_at_once_from_one_source(tmp_path, overr
     assert numbers(tmp_path / "par" / "icarl-s0") == reference["icarl-s0"]
     icarl, hybrid, knn = (results.read_metrics(r.spec.folder) for r in res)
     assert hybrid["fc"] == icarl["fc"] and knn["nme"] == icarl["nme"] and knn["classifiers"] == ["nme", "knn"]
-    assert not (tmp_path / "par" / "icarl-s0" / runfolder.LOCK).exists()  # the last reader removed it
+    assert not (tmp_path / "par" / "icarl-s0" / runlock.LOCK).exists()  # the last reader removed it
 
 
 def probe(spec: RunSpec) -> RunResult:

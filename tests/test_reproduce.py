@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from cilab import cli, experiment, results, runfolder
+from cilab import cli, experiment, results, runfolder, runlock
 from cilab.config import ConfigError, build_config, preset_names
 from cilab.data import DatasetError
 from cilab.reproduce import load_groups, plan, reproduce, run_one
@@ -311,7 +311,7 @@ def test_several_groups_train_a_shared_run_once_and_copy_it(tmp_path, npz, monke
     a, b = out / "first" / "icarl-s0", out / "second" / "icarl-s0"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert {"metrics.json", "config.yaml", "confusion.npz"} <= {str(f) for f in files}
-    assert "checkpoints/task_02.pt" in {str(f) for f in files} and runfolder.LOCK not in {f.name for f in files}
+    assert "checkpoints/task_02.pt" in {str(f) for f in files} and runlock.LOCK not in {f.name for f in files}
     assert sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) == files
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
@@ -586,4 +586,4 @@ def test_copy_run_replaces_the_run_in_its_target_and_keeps_the_users_files(tmp_p
     runfolder.copy_run(src, dst)
     files = lambda f: {str(p.relative_to(f)): p.read_bytes() for p in f.rglob("*") if p.is_file()}  # noqa: E731
     assert files(dst) == {**files(src), "notes.txt": b"mine"}
-    assert not (dst / "checkpoints" / "task_02.pt").exists() and not (dst / runfolder.LOCK).exists()
+    assert not (dst / "checkpoints" / "task_02.pt").exists() and not (dst / runlock.LOCK).exists()

@@ -81,11 +81,11 @@ def tiny_run(tmp_path_factory, ov):
 
     def spy(*args, **kwargs):
         try:
-            from cilab import runfolder
+            from cilab import runlock
         except ImportError:  # (the code before issue 15, to see these tests fail there)
             seen.append(None)
         else:
-            seen.append((runfolder.holder(out), (out / runfolder.LOCK).read_text()))
+            seen.append((runlock.holder(out), (out / runlock.LOCK).read_text()))
         return real(*args, **kwargs)
 
     experiment.train_task = spy
@@ -270,7 +270,7 @@ def test_overwrite_of_a_run_folder_keeps_the_users_files(tiny_run, tmp_path, cap
 
 
 def test_a_run_holds_the_lock_while_it_trains_and_releases_it(tiny_run):
-    from cilab import runfolder
+    from cilab import runlock
 
     out, seen = tiny_run
     assert len(seen) == 2  # two tasks
@@ -279,18 +279,18 @@ def test_a_run_holds_the_lock_while_it_trains_and_releases_it(tiny_run):
         started = dt.datetime.fromisoformat(info.started)
         assert abs((dt.datetime.now(dt.timezone.utc) - started).total_seconds()) < 600
         assert f"pid {os.getpid()}\n" in text
-    assert not (out / runfolder.LOCK).exists() and runfolder.holder(out) is None
+    assert not (out / runlock.LOCK).exists() and runlock.holder(out) is None
 
 
 def test_a_second_run_on_a_locked_folder_is_refused_at_once_naming_the_holder(tiny_run, tmp_path, capsys,
                                                                               monkeypatch, ov):
-    from cilab import runfolder
+    from cilab import runlock
 
     folder = copy_run(tiny_run, tmp_path / "run")
     before = files(folder)
     monkeypatch.setattr(experiment, "load_dataset", lambda cfg: pytest.fail("data loaded"))
-    with runfolder.RunLock(folder):  # another run (a separate open file: flock conflicts within a process too)
-        info = runfolder.holder(folder)
+    with runlock.RunLock(folder):  # another run (a separate open file: flock conflicts within a process too)
+        info = runlock.holder(folder)
         for flags in (["--resume"], ["--overwrite"], []):
             t0 = time.monotonic()
             rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov, *flags], capsys)
@@ -298,10 +298,10 @@ def test_a_second_run_on_a_locked_folder_is_refused_at_once_naming_the_holder(ti
             one_line_error(err, "in use by another cilab run", f"pid {os.getpid()}", info.started)
         empty = tmp_path / "new"
         empty.mkdir()
-        with runfolder.RunLock(empty):  # a run that has just started: only its lock file is there
+        with runlock.RunLock(empty):  # a run that has just started: only its lock file is there
             rc, _, err = run_cli(["run", "icarl", "--out", empty, *ov], capsys)
             assert rc == 2 and f"pid {os.getpid()}" in err
-    assert {k: v for k, v in files(folder).items() if k != runfolder.LOCK} == before
+    assert {k: v for k, v in files(folder).items() if k != runlock.LOCK} == before
 
 
 HOLD_LOCK = """
@@ -314,7 +314,7 @@ time.sleep(300)
 
 
 def test_a_lock_of_a_killed_process_is_stale_and_its_run_reads_interrupted(tiny_run, tmp_path, capsys, ov):
-    from cilab import runfolder
+    from cilab import runlock
 
     folder = copy_run(tiny_run, tmp_path / "run")
     m = json.loads((folder / results.METRICS).read_text())
@@ -325,7 +325,7 @@ def test_a_lock_of_a_killed_process_is_stale_and_its_run_reads_interrupted(tiny_
     proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        live = runfolder.holder(folder)
+        live = runlock.holder(folder)
         assert live is not None and live.pid == proc.pid
         rc, out, _ = run_cli(["report", folder, "--out", tmp_path / "rep1", "--no-tsne"], capsys)
         assert f"excluded run: incomplete: running (pid {proc.pid} on" in out
@@ -335,7 +335,7 @@ def test_a_lock_of_a_killed_process_is_stale_and_its_run_reads_interrupted(tiny_
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # The kernel dropped the flock with the process; the lock file stays as a trace.
-    assert (folder / runfolder.LOCK).exists() and runfolder.holder(folder) is None
+    assert (folder / runlock.LOCK).exists() and runlock.holder(folder) is None
     rc, out, _ = run_cli(["report", folder, "--out", tmp_path / "rep2", "--no-tsne"], capsys)
     assert "excluded run: incomplete: interrupted (process gone), 1/2 tasks done" in out
     rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov], capsys)  # a plain run: refused, and says why
@@ -343,26 +343,26 @@ def test_a_lock_of_a_killed_process_is_stale_and_its_run_reads_interrupted(tiny_
     one_line_error(err, "an interrupted run (process gone), 1 of 2 tasks done", "--resume")
     rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov, "--quiet", "--resume"], capsys)
     assert rc == 0, err  # the stale lock does not stand in the way
-    assert results.is_complete(folder) and not (folder / runfolder.LOCK).exists()
+    assert results.is_complete(folder) and not (folder / runlock.LOCK).exists()
 
 
 def test_a_lock_held_for_a_dead_pid_is_stale(tmp_path):
     # The kernel keeps a flock while any process holds the descriptor (a forked
     # child of a killed run could): the lock file's pid, dead, tells it is stale.
-    from cilab import runfolder
+    from cilab import runlock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     folder = tmp_path / "run"
     folder.mkdir()
-    path = folder / runfolder.LOCK
-    path.write_text(runfolder.LockInfo(dead.pid, runfolder.socket.gethostname(), "2026-01-01T00:00:00").text())
+    path = folder / runlock.LOCK
+    path.write_text(runlock.LockInfo(dead.pid, runlock.socket.gethostname(), "2026-01-01T00:00:00").text())
     orphan = os.open(path, os.O_RDWR)
     try:
-        runfolder.fcntl.flock(orphan, runfolder.fcntl.LOCK_EX | runfolder.fcntl.LOCK_NB)
-        assert runfolder.holder(folder) is None
-        with runfolder.RunLock(folder) as lock:
-            assert runfolder.holder(folder).pid == os.getpid() and lock.fd is not None
+        runlock.fcntl.flock(orphan, runlock.fcntl.LOCK_EX | runlock.fcntl.LOCK_NB)
+        assert runlock.holder(folder) is None
+        with runlock.RunLock(folder) as lock:
+            assert runlock.holder(folder).pid == os.getpid() and lock.fd is not None
     finally:
         os.close(orphan)
 
@@ -370,74 +370,74 @@ def test_a_lock_held_for_a_dead_pid_is_stale(tmp_path):
 def test_readers_share_a_run_folders_lock_and_keep_writers_out(tmp_path):
     """Two evaluations (or copies) read one source at once; a run that would write it is refused
     until both are done; the last reader out removes the lock file, as a writer does."""
-    from cilab import runfolder
+    from cilab import runfolder, runlock
 
     folder = tmp_path / "run"
     folder.mkdir()
-    first = runfolder.RunLock(folder, shared=True).acquire(wait=0)
-    second = runfolder.RunLock(folder, shared=True).acquire(wait=0)
+    first = runlock.RunLock(folder, shared=True).acquire(wait=0)
+    second = runlock.RunLock(folder, shared=True).acquire(wait=0)
     with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
-        runfolder.RunLock(folder).acquire(wait=0)
-    assert runfolder.holder(folder) is None  # read, not written: nobody to name as its writer
+        runlock.RunLock(folder).acquire(wait=0)
+    assert runlock.holder(folder) is None  # read, not written: nobody to name as its writer
     first.release()
-    assert (folder / runfolder.LOCK).exists()  # the second reader still holds it
+    assert (folder / runlock.LOCK).exists()  # the second reader still holds it
     with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
-        runfolder.RunLock(folder).acquire(wait=0)
+        runlock.RunLock(folder).acquire(wait=0)
     second.release()
-    assert not (folder / runfolder.LOCK).exists()
-    with runfolder.RunLock(folder):  # free again for a writer, which keeps readers out
+    assert not (folder / runlock.LOCK).exists()
+    with runlock.RunLock(folder):  # free again for a writer, which keeps readers out
         with pytest.raises(runfolder.RunFolderError, match=f"in use by another cilab run \\(pid {os.getpid()}"):
-            runfolder.RunLock(folder, shared=True).acquire(wait=0)
+            runlock.RunLock(folder, shared=True).acquire(wait=0)
 
 
 def _dead_pid_lock(folder):
     """A lock file left by a killed run: it names a pid that is dead on this host."""
-    from cilab import runfolder
+    from cilab import runlock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (folder / runfolder.LOCK).write_text(
-        runfolder.LockInfo(dead.pid, runfolder.socket.gethostname(), "2026-01-01T00:00:00").text())
+    (folder / runlock.LOCK).write_text(
+        runlock.LockInfo(dead.pid, runlock.socket.gethostname(), "2026-01-01T00:00:00").text())
 
 
 def test_readers_of_a_lock_file_that_names_a_dead_run_still_keep_writers_out(tmp_path):
     """Readers write nothing into the lock file: a dead writer's pid there must not make a writer take
     the folder from them, and a reader leaving must not remove a lock file that is not its own."""
-    from cilab import runfolder
+    from cilab import runfolder, runlock
 
     folder = tmp_path / "run"
     folder.mkdir()
     _dead_pid_lock(folder)
-    reader = runfolder.RunLock(folder, shared=True).acquire(wait=0)
+    reader = runlock.RunLock(folder, shared=True).acquire(wait=0)
     with pytest.raises(runfolder.RunFolderError, match=r"in use by another cilab run \(a process reading it"):
-        runfolder.RunLock(folder).acquire(wait=0)
+        runlock.RunLock(folder).acquire(wait=0)
     with pytest.raises(runfolder.RunFolderError, match="is being read by another cilab run"):
         runfolder.check(folder, None, False, True)  # before any data is loaded
     reader.release()
-    with runfolder.RunLock(folder):  # the last reader is gone: free
+    with runlock.RunLock(folder):  # the last reader is gone: free
         pass
 
     # a reader whose lock file was replaced meanwhile leaves the new one where it is
-    reader = runfolder.RunLock(folder, shared=True).acquire(wait=0)
-    (folder / runfolder.LOCK).unlink()
-    writer = runfolder.RunLock(folder).acquire(wait=0)
+    reader = runlock.RunLock(folder, shared=True).acquire(wait=0)
+    (folder / runlock.LOCK).unlink()
+    writer = runlock.RunLock(folder).acquire(wait=0)
     reader.release()
-    assert runfolder.holder(folder).pid == os.getpid()
+    assert runlock.holder(folder).pid == os.getpid()
     with pytest.raises(runfolder.RunFolderError, match=f"pid {os.getpid()}"):
-        runfolder.RunLock(folder).acquire(wait=0)
+        runlock.RunLock(folder).acquire(wait=0)
     writer.release()
 
 
 def test_a_reader_that_cannot_remove_a_stale_lock_gives_up_after_the_wait(tmp_path, monkeypatch):
     """An orphaned descriptor (a forked child of a killed run) holds the lock of a folder the reader
     may not write: it cannot replace the stale file, so it waits its time and says so, not spin forever."""
-    from cilab import runfolder
+    from cilab import runfolder, runlock
 
     folder = tmp_path / "theirs"
     folder.mkdir()
     _dead_pid_lock(folder)
-    orphan = os.open(folder / runfolder.LOCK, os.O_RDWR)
-    runfolder.fcntl.flock(orphan, runfolder.fcntl.LOCK_EX | runfolder.fcntl.LOCK_NB)
+    orphan = os.open(folder / runlock.LOCK, os.O_RDWR)
+    runlock.fcntl.flock(orphan, runlock.fcntl.LOCK_EX | runlock.fcntl.LOCK_NB)
 
     def refuse(path, *a, **k):
         raise PermissionError(13, "Permission denied", str(path))
@@ -448,7 +448,7 @@ def test_a_reader_that_cannot_remove_a_stale_lock_gives_up_after_the_wait(tmp_pa
     try:
         t0 = time.monotonic()
         with pytest.raises(runfolder.RunFolderError, match="is in use by another cilab run"):
-            runfolder.RunLock(folder, shared=True).acquire(wait=0.3)
+            runlock.RunLock(folder, shared=True).acquire(wait=0.3)
         assert time.monotonic() - t0 < 3
     finally:
         signal.alarm(0)
@@ -460,7 +460,7 @@ def test_a_reader_needs_no_lock_file_in_a_folder_it_cannot_write(tmp_path, monke
     has none: no run of ours can be writing there; a writer is still refused in one line."""
     import errno
 
-    from cilab import runfolder
+    from cilab import runfolder, runlock
 
     folder = tmp_path / "theirs"
     folder.mkdir()
@@ -472,24 +472,24 @@ def test_a_reader_needs_no_lock_file_in_a_folder_it_cannot_write(tmp_path, monke
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(runfolder.os, "open", read_only_open)
-    with runfolder.RunLock(folder, shared=True) as lock:
+    with runlock.RunLock(folder, shared=True) as lock:
         assert lock.fd is None
     with pytest.raises(runfolder.RunFolderError, match="cannot create the lock .*Read-only file system"):
-        runfolder.RunLock(folder).acquire()
+        runlock.RunLock(folder).acquire()
     monkeypatch.setattr(runfolder.os, "open", real_open)
-    (folder / runfolder.LOCK).write_text("")  # a lock file there (left by its writer): read-only, still locked
+    (folder / runlock.LOCK).write_text("")  # a lock file there (left by its writer): read-only, still locked
     monkeypatch.setattr(runfolder.os, "open", read_only_open)
-    with runfolder.RunLock(folder, shared=True) as lock:
+    with runlock.RunLock(folder, shared=True) as lock:
         assert lock.fd is not None
 
 
 def test_reproduce_refuses_a_locked_run_folder_even_with_overwrite(tiny_run, tmp_path, ov):
-    from cilab import runfolder
+    from cilab import runlock
     from cilab.reproduce import plan
 
     groups = {"g": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
     folder = copy_run(tiny_run, tmp_path / "g" / "icarl-s0")
-    with runfolder.RunLock(folder):
+    with runlock.RunLock(folder):
         for overwrite in (False, True):
             with pytest.raises(ConfigError, match=f"in use by another cilab run \\(pid {os.getpid()} on") as e:
                 plan("g", tmp_path, ov, groups=groups, overwrite=overwrite, check_data=False)
@@ -506,7 +506,7 @@ def test_reproduce_refuses_a_locked_run_folder_even_with_overwrite(tiny_run, tmp
 def test_reproduce_jobs_workers_lock_their_run_folders(tmp_path):
     # Both run folders are locked after the plan looked at them: each worker
     # process checks its folder's lock itself and refuses, before loading data.
-    from cilab import runfolder
+    from cilab import runlock
     from cilab.executors import LocalExecutor
     from cilab.reproduce import plan, run_all
 
@@ -515,7 +515,7 @@ def test_reproduce_jobs_workers_lock_their_run_folders(tmp_path):
     locks = []
     for s in specs:
         s.folder.mkdir(parents=True)
-        locks.append(runfolder.RunLock(s.folder).acquire())
+        locks.append(runlock.RunLock(s.folder).acquire())
     try:
         res = run_all(specs, executor=LocalExecutor(jobs=2, threads=1), progress=False, log=lambda m: None)
     finally:

@@ -123,7 +123,7 @@ def _metrics_problems(m: dict) -> list[str]:
 
 def _unfinished(path: Path, m: dict) -> str:
     """A run that is neither complete nor failed: still running, or its process is gone (item 7 of issue 15)."""
-    from .runfolder import holder
+    from .runlock import holder
 
     status = str(m.get("status", "running"))
     done = f"{m.get('completed_tasks', 0)}/{m.get('num_tasks', '?')} tasks done"
@@ -138,7 +138,7 @@ def load_run(path: Path) -> Run:
     try:
         m = results.read_metrics(path)
     except FileNotFoundError:
-        from .runfolder import holder
+        from .runlock import holder
 
         live = holder(path)
         return Run(path, None, f"incomplete: running ({live.describe()}), no task finished yet" if live

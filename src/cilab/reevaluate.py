@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import results, runfolder
+from . import results, runfolder, runlock
 from .config import Config, ConfigError, config_from_dict, deep_merge, overrides_to_dict
 from .data import Scenario
 from .experiment import Protocol, Runtime, load_run_data
@@ -83,7 +83,7 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
         raise RunFolderError(f"cannot evaluate {source} into itself; choose another --out")
     if not results.is_complete(source):  # (a missing folder: said here, before a lock is made in it)
         raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
-    with runfolder.RunLock(source, shared=True):  # checked and read as it is: nothing writes it meanwhile
+    with runlock.RunLock(source, shared=True):  # checked and read as it is: nothing writes it meanwhile
         if not results.is_complete(source):
             raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
         theirs = source_config(source)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import yaml
 
-from . import experiment, results, runfolder
+from . import experiment, results, runfolder, runlock
 from .checkpoint_figures import FigureCache
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
 from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
@@ -160,10 +160,10 @@ def _folder_action(folder: Path, cfg: Config) -> tuple[str, str | None]:
     """
     if folder.exists() and not folder.is_dir():
         return "refuse", f"{folder} exists and is not a folder"
-    live = runfolder.holder(folder) if folder.exists() else None
+    live = runlock.holder(folder) if folder.exists() else None
     if live:
         return "refuse", f"{folder} is in use by another cilab run ({live.describe()})"
-    if not folder.exists() or all(p.name == runfolder.LOCK for p in folder.iterdir()):
+    if not folder.exists() or all(p.name == runlock.LOCK for p in folder.iterdir()):
         return "new", None
     if not runfolder.is_run_folder(folder):
         return "refuse", f"{folder} holds files but is not a run folder (no {runfolder.MARKER}); cilab never deletes it"
