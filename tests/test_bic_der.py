@@ -331,7 +331,7 @@ def test_b50_run_resumes_exactly(method, tmp_path, monkeypatch):
 
 
 def test_presets_and_the_reproduce_group():
-    from cilab.reproduce import load_groups
+    from cilab.studyplan import load_groups
 
     runs = {(r["preset"], r.get("tag")): r["seeds"] for r in load_groups()["strong-baselines"]["runs"]}
     for name in ("bic", "der", "derpp"):

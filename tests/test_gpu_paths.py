@@ -256,7 +256,7 @@ STUDY_RUN_IMAGES = {"finetune": 3_150_000, "lwf": 3_500_000, "joint": 19_250_000
 
 def test_study_images_per_run_from_the_groups_and_the_scenario():
     from cilab.bench import study_images
-    from cilab.reproduce import load_groups
+    from cilab.studyplan import load_groups
 
     study = {name: g for name, g in load_groups().items() if name != "strong-baselines"}
     runs = study_images(study)

@@ -232,7 +232,7 @@ def test_b0_resume_after_an_interrupt_equals_the_uninterrupted_run(method, tmp_p
 
 
 def test_presets_and_the_strong_baselines_group():
-    from cilab.reproduce import load_groups
+    from cilab.studyplan import load_groups
 
     for name in ("lucir", "podnet"):
         cfg = build_config(name)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from cilab import cli, executors, reproduce as rp, results, runlock
+from cilab import cli, executors, reproduce as rp, results, runlock, studyplan
 from cilab.config import ConfigError
 from cilab.executors import LocalExecutor, make_executor
 from cilab.reproduce import reproduce
@@ -162,12 +162,12 @@ def test_several_runs_per_gpu_without_mps_get_a_note_before_they_start(tmp_path,
 
     # no note: MPS is running (its control pipe is there), one run per GPU, one run left, no GPU,
     # runs on the CPU
-    specs = rp.plan("par", tmp_path / "out", overrides, groups=GROUPS)  # 3 runs, train.device=auto
+    specs = studyplan.plan("par", tmp_path / "out", overrides, groups=GROUPS)  # 3 runs, train.device=auto
     (pipes / "control").touch()
     assert LocalExecutor(jobs=2).notes(specs) == []
     (pipes / "control").unlink()
     assert LocalExecutor(jobs=2).notes(specs[:1]) == [] and LocalExecutor(jobs=1).notes(specs) == []
-    on_cpu = rp.plan("par", tmp_path / "out", overrides + ["train.device=cpu"], groups=GROUPS)
+    on_cpu = studyplan.plan("par", tmp_path / "out", overrides + ["train.device=cpu"], groups=GROUPS)
     assert len(LocalExecutor(jobs=3).notes(specs)) == 1 and LocalExecutor(jobs=3).notes(on_cpu) == []
     monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1"])
     assert LocalExecutor(jobs=2).notes(specs) == [] and len(LocalExecutor(jobs=3).notes(specs)) == 1

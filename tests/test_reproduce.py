@@ -14,7 +14,8 @@ import yaml
 from cilab import cli, experiment, results, runfolder, runlock
 from cilab.config import ConfigError, build_config, preset_names
 from cilab.data import DatasetError
-from cilab.reproduce import load_groups, plan, reproduce, run_one
+from cilab.reproduce import reproduce, run_one
+from cilab.studyplan import load_groups, plan
 
 from helpers import npz_overrides, tiny_npz
 
@@ -336,7 +337,7 @@ def test_a_copy_waits_for_its_run_and_fails_with_it(tmp_path, npz, monkeypatch):
 
 
 def test_a_group_alone_trains_its_own_copy_and_a_complete_folder_is_not_copied_over(tmp_path, npz, monkeypatch):
-    from cilab.reproduce import plan_study
+    from cilab.studyplan import plan_study
 
     monkeypatch.setattr(experiment, "run", fake_run(set()))
     ov = npz_overrides(npz)
@@ -396,7 +397,8 @@ def test_a_run_that_differs_in_its_classifiers_alone_is_evaluated_not_trained(tm
 def test_a_copy_or_evaluation_never_replaces_a_complete_run_written_after_the_plan(tmp_path, npz, monkeypatch):
     """The plan found their folders new; hours later, another command has completed runs there:
     they are reported failed, naming why, and those runs stay as they are."""
-    from cilab.reproduce import plan_study, run_all
+    from cilab.reproduce import run_all
+    from cilab.studyplan import plan_study
 
     groups = {"a": {"runs": [{"preset": "icarl", "seeds": [0]},
                              {"preset": "icarl", "tag": "hybrid1", "seeds": [0], "overrides": ["eval.classifiers=[fc]"]}]},
@@ -495,7 +497,7 @@ def test_the_command_line_embeds_the_reports_tsne_with_a_process_a_core_and_pyth
 
 
 def test_runs_at_once_start_the_longest_first():
-    from cilab.reproduce import longest_first, plan_study
+    from cilab.studyplan import longest_first, plan_study
 
     groups = {"g": {"runs": [{"preset": "finetune", "seeds": [0]}, {"preset": "icarl", "seeds": [0]},
                              {"preset": "joint", "seeds": [0]}, {"preset": "lwf", "seeds": [0]}]}}
@@ -505,7 +507,8 @@ def test_runs_at_once_start_the_longest_first():
 
 
 def test_run_all_hands_runs_at_once_to_the_executor_longest_first_and_one_at_a_time_in_plan_order():
-    from cilab.reproduce import plan_study, run_all
+    from cilab.reproduce import run_all
+    from cilab.studyplan import plan_study
     from cilab.runspec import RunResult
 
     class Recording:  # an executor that runs nothing and remembers the order it was given
@@ -532,7 +535,8 @@ def test_run_all_hands_runs_at_once_to_the_executor_longest_first_and_one_at_a_t
 def test_evaluations_are_handed_to_the_executor_once_their_trainer_is_over(tmp_path):
     """An evaluation runs where runs run (a worker with its GPU, a Ray task), not in the command's own
     process, and only after the run whose checkpoints it reads; a copy (file work) stays here."""
-    from cilab.reproduce import plan_study, run_all
+    from cilab.reproduce import run_all
+    from cilab.studyplan import plan_study
     from cilab.runspec import RunResult
 
     class Recording:  # runs nothing; remembers what it was handed and when
@@ -564,7 +568,7 @@ def test_evaluations_are_handed_to_the_executor_once_their_trainer_is_over(tmp_p
 
 
 def test_group_names_all_several_and_unknown():
-    from cilab.reproduce import group_names
+    from cilab.studyplan import group_names
 
     assert group_names("all", TWO_GROUPS) == ["first", "second"]
     assert group_names("second, first,second", TWO_GROUPS) == ["second", "first"]

@@ -485,7 +485,7 @@ def test_a_reader_needs_no_lock_file_in_a_folder_it_cannot_write(tmp_path, monke
 
 def test_reproduce_refuses_a_locked_run_folder_even_with_overwrite(tiny_run, tmp_path, ov):
     from cilab import runlock
-    from cilab.reproduce import plan
+    from cilab.studyplan import plan
 
     groups = {"g": {"runs": [{"preset": "icarl", "seeds": [0]}]}}
     folder = copy_run(tiny_run, tmp_path / "g" / "icarl-s0")
@@ -508,7 +508,8 @@ def test_reproduce_jobs_workers_lock_their_run_folders(tmp_path):
     # process checks its folder's lock itself and refuses, before loading data.
     from cilab import runlock
     from cilab.executors import LocalExecutor
-    from cilab.reproduce import plan, run_all
+    from cilab.reproduce import run_all
+    from cilab.studyplan import plan
 
     groups = {"g": {"runs": [{"preset": "icarl", "seeds": [0, 1]}]}}
     specs = plan("g", tmp_path, TINY, groups=groups, check_data=False)

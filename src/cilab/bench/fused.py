@@ -80,7 +80,8 @@ def batched(args) -> dict:
     concurrency's runs do, with cores // P threads): fused networks under MPS.
     """
     from ..config import ConfigError
-    from ..reproduce import _parse_seeds, load_groups
+    from ..reproduce import _parse_seeds
+    from ..studyplan import load_groups
 
     setup = Setup(args.overrides)
     cfg, device = setup.cfg, setup.device

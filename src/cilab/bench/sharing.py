@@ -28,7 +28,7 @@ def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2)
     """
     import tempfile
 
-    from ..reproduce import load_groups, plan_study
+    from ..studyplan import load_groups, plan_study
     from ..workload import run_images
 
     groups = load_groups() if groups is None else groups
@@ -119,7 +119,8 @@ def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warm
 
 def concurrency(args) -> dict:
     """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
-    from ..reproduce import _parse_seeds, load_groups
+    from ..reproduce import _parse_seeds
+    from ..studyplan import load_groups
 
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
     jobs = _parse_jobs(args.jobs, setup.device)
