@@ -11,7 +11,8 @@ from cilab import experiment
 from cilab.config import build_config
 from cilab.data import Scenario, load_dataset
 from cilab.evaluation import accuracy, confusion_matrix, extract_features, forgetting, summarize, task_accuracies
-from cilab.experiment import Protocol, Runtime
+from cilab.experiment import Protocol
+from cilab.runtime import Runtime
 
 
 def test_task_accuracies_and_confusion_on_hand_made_predictions():

@@ -213,7 +213,7 @@ def test_cudnn_benchmark_is_set_for_the_run_recorded_and_put_back(torch_state, t
 def test_cudnn_benchmark_auto_is_off_for_cuda():
     """A whole iCaRL run (10 x 30) on the H100 took 93.9 s with autotuning, 81.2 s without (README)."""
     from cilab.config import build_config
-    from cilab.experiment import resolve_cudnn_benchmark
+    from cilab.runtime import resolve_cudnn_benchmark
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_cudnn_benchmark(build_config("icarl").train, cuda) is False

@@ -9,7 +9,8 @@ from cilab import trainer
 from cilab.config import ConfigError, build_config
 from cilab.data import BatchLoader
 from cilab.data.loader import Normalizer
-from cilab.experiment import resolve_amp, resolve_channels_last, resolve_cuda_graphs, run
+from cilab.experiment import run
+from cilab.runtime import resolve_amp, resolve_channels_last, resolve_cuda_graphs
 from cilab.losses import Criterion
 from cilab.models import create_model
 from cilab.trainer import GraphCaptureError, autocast_for, train_task

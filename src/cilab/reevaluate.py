@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from . import results, runfolder, runlock
 from .config import Config, ConfigError, config_from_dict, deep_merge, overrides_to_dict
 from .data import Scenario
-from .experiment import Protocol, Runtime, load_run_data
+from .experiment import Protocol, load_run_data
+from .runtime import Runtime
 from .results import RunFolderError
 
 EVAL_ONLY = ("classifiers", "knn", "svm", "mlp", "fc_scope")  # the eval keys no part of training reads

@@ -12,7 +12,7 @@ import torch
 
 from ..config import build_config
 from ..data.loader import BatchLoader, Normalizer
-from ..experiment import Runtime
+from ..runtime import Runtime
 from ..losses import Criterion
 from ..models import create_model
 from ..trainer import build_step, train_task
