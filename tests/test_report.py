@@ -132,26 +132,44 @@ def test_tsne_reads_the_checkpoints(real_runs):
         assert np.isfinite(panel["xy"]).all() and panel["xy"].std() > 0
 
 
-def test_a_run_an_older_cilab_wrote_is_reported_from_its_metrics_without_a_tsne(real_runs, tmp_path):
-    """No setting of this cilab reproduces it (no eval.fc_scope in its config.yaml): its numbers are
-    reported as it computed them; the figures rebuilt from its checkpoints are left out, saying why."""
+@pytest.mark.parametrize("written_before", ["no eval.fc_scope", "deepinversion.batch_size 0"])
+def test_a_run_an_older_cilab_wrote_is_reported_from_its_metrics_with_its_checkpoints_figures(real_runs, tmp_path,
+                                                                                             written_before):
+    """No setting of this cilab reproduces its numbers (an older cilab's config.yaml): they are reported
+    as it computed them. The t-SNE and the exemplar grid read only the network, the exemplars and the
+    data, which its checkpoints and config still give: they are drawn, the same as for the folder it
+    was copied from."""
     import shutil
 
     import yaml
+
+    from cilab.checkpoint_figures import RunState, tsne_rows
 
     _, folders = real_runs
     old = tmp_path / "old" / "icarl-s0"
     shutil.copytree(folders[0], old)
     data = yaml.safe_load((old / results.CONFIG).read_text())
-    del data["eval"]["fc_scope"]
+    if written_before == "no eval.fc_scope":
+        del data["eval"]["fc_scope"]
+    else:
+        data["memory"]["deepinversion"]["batch_size"] = 0
     (old / results.CONFIG).write_text(yaml.safe_dump(data))
     rep = make_report([old], tmp_path / "report", exemplars_per_class=2)
     m = results.read_metrics(folders[0])
     row = next(r for r in read_summary(tmp_path / "report" / "summary.csv") if r["classifier"] == "nme")
     assert float(row["final_acc_mean"]) == pytest.approx(m["nme"]["accuracy"][-1], abs=1e-5)
-    notes = "\n".join(rep.notes)
-    assert "t-SNE of icarl-s0: not drawn (OlderRunError: an older cilab wrote it (it has no eval.fc_scope)" in notes
-    assert "exemplar grid of icarl-s0" in notes and "an older cilab wrote it" in notes
+    assert not [n for n in rep.notes if "not drawn" in n], rep.notes
+    assert (tmp_path / "report" / "tsne.png").exists() and (tmp_path / "report" / "exemplars_icarl-s0_task02.png").exists()
+    rows = [tsne_rows([RunState(load_run(f), "cpu", {})], 5, (1, 2), 0, lambda m: None)[0] for f in (folders[0], old)]
+    for a, b in zip(*(r["panels"] for r in rows)):
+        np.testing.assert_array_equal(a["xy"], b["xy"])
+        np.testing.assert_array_equal(a["exemplar"], b["exemplar"])
+    # what no setting reproduces is still refused: resuming, copying, evaluating it again
+    from cilab import runfolder
+    from cilab.config import OlderRunError
+
+    with pytest.raises(OlderRunError, match="an older cilab wrote it"):
+        runfolder.read_config(old)
 
 
 def test_tsne_embeddings_are_the_same_in_a_pool_of_processes_and_with_any_thread_count(monkeypatch):

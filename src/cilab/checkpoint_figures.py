@@ -40,7 +40,8 @@ class RunState:
         from .data.loader import Normalizer
 
         self.run, self.device = run, device
-        self.cfg = runfolder.read_config(run.path)
+        # an older cilab's folder too: a figure reads the network, the exemplars and the data only
+        self.cfg = runfolder.read_config(run.path, network_only=True)
         key = repr(self.cfg.data)
         if key not in datasets:
             datasets[key] = load_dataset(self.cfg.data)

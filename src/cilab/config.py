@@ -313,28 +313,45 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # value of the new key computes, it is read with that value (a method's own keys:
 # Method.absent_means), not the new default. Where no value does, the folder is refused: its
 # metrics.json still says what it computed, but it is not a run this cilab can resume, copy or
-# evaluate again. Evidence of such a folder: (test on the saved mapping, the evidence in words).
+# evaluate again. Evidence of such a folder: (test on the saved mapping, the evidence in words,
+# the section that holds what no setting reproduces).
+# What such a folder still gives is its network: the data, scenario, model and method sections,
+# which the figures drawn from its checkpoints (t-SNE, exemplar grids) read. ``network_only``
+# reads those, leaving the sections in question to this cilab's defaults.
 _OLDER_THAN_EVERY_SETTING = (
     # before ead4b93: NME's class means without the flipped exemplars, the fc's arg-max over
     # the seen classes, features in the autocast dtype
-    (lambda d: isinstance(d.get("eval"), dict) and "fc_scope" not in d["eval"], "it has no eval.fc_scope"),
+    (lambda d: isinstance(d.get("eval"), dict) and "fc_scope" not in d["eval"], "it has no eval.fc_scope",
+     ("eval",)),
     # before 0f89dea: DeepInversion's objective otherwise, and (older still) the loss pairs' scales
     (lambda d: isinstance(d.get("memory"), dict) and isinstance(d["memory"].get("deepinversion"), dict)
-     and d["memory"]["deepinversion"].get("batch_size") == 0, "memory.deepinversion.batch_size is 0"),
+     and d["memory"]["deepinversion"].get("batch_size") == 0, "memory.deepinversion.batch_size is 0",
+     ("memory", "deepinversion")),
 )
 
 
-def saved_config(data: dict[str, Any]) -> Config:
+def saved_config(data: dict[str, Any], *, network_only: bool = False) -> Config:
     """A run folder's saved config (its config.yaml as a mapping) -> the config the run computed
     with; OlderRunError for one that no setting of this cilab reproduces (see above),
-    ConfigError for an invalid one."""
-    for written_before, evidence in _OLDER_THAN_EVERY_SETTING:
-        if written_before(data):
+    ConfigError for an invalid one.
+
+    ``network_only``: for what reads only the run's network, exemplars and data (the figures
+    drawn from its checkpoints): such a folder is read too, the sections that no setting
+    reproduces filled with this cilab's defaults; those sections must then not be used."""
+    data = copy.deepcopy(data)
+    for written_before, evidence, section in _OLDER_THAN_EVERY_SETTING:
+        if not written_before(data):
+            continue
+        if not network_only:
             raise OlderRunError(
                 f"an older cilab wrote it ({evidence}), one that computed NME, the fc classifier, the loss "
                 "pairs or DeepInversion otherwise; no setting of this one reproduces its numbers (its "
                 "metrics.json still reports them), so it cannot be resumed, copied or evaluated again")
-    data = copy.deepcopy(data)
+        *parents, last = section
+        holder = data
+        for key in parents:
+            holder = holder[key]
+        del holder[last]
     method = METHODS[data["method"]] if data.get("method") in METHODS else None
     if method is not None and method.absent_means and isinstance(data.get("method_args", {}), dict):
         data["method_args"] = {**method.absent_means, **data.get("method_args", {})}

@@ -285,10 +285,11 @@ def config_conflict(out: Path, cfg) -> ConfigConflict | None:
     return None
 
 
-def read_config(folder: Path):
+def read_config(folder: Path, *, network_only: bool = False):
     """The config the run in ``folder`` computed with (:func:`cilab.config.saved_config`: its
     config.yaml, keys added to cilab since read as the run computed them); ConfigError naming
-    the file when it is unreadable, OlderRunError when no setting of this cilab reproduces it."""
+    the file when it is unreadable, OlderRunError when no setting of this cilab reproduces it
+    (``network_only``: read such a run's network sections all the same, for figures)."""
     import yaml
 
     from .config import ConfigError, OlderRunError, saved_config
@@ -298,7 +299,7 @@ def read_config(folder: Path):
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"it holds a {type(data).__name__}, not a mapping")
-        return saved_config(data)
+        return saved_config(data, network_only=network_only)
     except OlderRunError:
         raise
     except (yaml.YAMLError, ConfigError, UnicodeDecodeError, OSError) as e:
