@@ -156,8 +156,9 @@ def test_a_saved_config_without_a_key_added_since_is_read_as_the_run_computed_it
     del data["method_args"][key]
     folder = _saved(tmp_path, preset, data)
     assert runfolder.read_config(folder).method_args[key] == before
-    assert runfolder.config_conflict(folder, cfg) == (
-        f"its config differs (method_args.{key}: {before!r} saved, {now!r} now)")
+    conflict = runfolder.config_conflict(folder, cfg)
+    assert str(conflict) == f"its config differs (method_args.{key}: {before!r} saved, {now!r} now)"
+    assert conflict.differs  # readable and another: the same preset and overrides would resume it
     assert runfolder.config_conflict(folder, build_config(preset, [f"method_args.{key}={before}"])) is None
     # a key the saved config has is its own value, whatever the old default
     data["method_args"][key] = now
@@ -179,7 +180,9 @@ def test_a_saved_config_that_no_setting_reproduces_is_refused_naming_why(tmp_pat
         data["memory"]["deepinversion"]["batch_size"] = 0
         evidence = "memory.deepinversion.batch_size is 0"
     folder = _saved(tmp_path, "old", data)
-    problem = runfolder.config_conflict(folder, cfg)
+    conflict = runfolder.config_conflict(folder, cfg)
+    assert not conflict.differs  # only --overwrite resolves it
+    problem = str(conflict)
     assert problem.startswith(f"an older cilab wrote it ({evidence}), one that computed")
     assert "no setting of this one reproduces its numbers" in problem
     with pytest.raises(ConfigError, match=f"^cannot evaluate from {folder}: an older cilab wrote it"):
