@@ -41,7 +41,7 @@ def add_run_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last completed task")
     g.add_argument("--overwrite", action="store_true", help="start again: delete the files cilab wrote in the run folder (your other files stay)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-task accuracy lines")
     p.set_defaults(func=cmd_run)
 
 
@@ -106,12 +106,12 @@ DEMO_METHODS = {"finetune": [], "joint": [], "lwf": [], "icarl": ["memory.size=1
 def add_demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="fine-tuning, joint, LwF and iCaRL on the bundled digits",
-        description="Run every method on scikit-learn's digits (8x8 upsampled to 32x32; 5 tasks of 2 "
+        description="Run fine-tuning, joint, LwF and iCaRL (the study's figure 1) on scikit-learn's digits (8x8 upsampled to 32x32; 5 tasks of 2 "
         f"classes) with {' '.join(DEMO_OVERRIDES)}, print the accuracy table and draw demo.png.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run folders (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every run")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-task accuracy lines")
     p.set_defaults(func=cmd_demo)
 
 
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        command = " ".join(str(getattr(args, k)) for k in ("command", "bench") if getattr(args, k, None))
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (`cilab {command} --help` lists the options"
+                     + ("; config overrides are key=value)" if hasattr(args, "overrides") else ")"))
     if extra:
         args.overrides = list(args.overrides) + extra
     try:

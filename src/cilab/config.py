@@ -377,11 +377,15 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
 
 def _check_milestones(section: str, epochs: int, milestones: list[int]) -> None:
     for m in milestones:
-        if not 0 < m < epochs:
-            raise ConfigError(
-                f"'{section}.milestones' has {m}, outside 1..{epochs - 1} ({section}.epochs={epochs}); "
-                f"lower the milestones, e.g. {section}.milestones=[] or [3,4]"
-            )
+        if 0 < m < epochs:
+            continue
+        if epochs < 2:
+            raise ConfigError(f"'{section}.milestones' has {m}, but {section}.epochs={epochs} leaves no epoch to "
+                              f"lower the learning rate after; pass {section}.milestones=[]")
+        # the study's first milestone sits at 70% of the epochs (49 of 70): one that fits these epochs
+        fits = min(epochs - 1, max(1, round(0.7 * epochs)))
+        raise ConfigError(f"'{section}.milestones' has {m}, outside 1..{epochs - 1} ({section}.epochs={epochs}); "
+                          f"lower the milestones, e.g. {section}.milestones=[] or {section}.milestones=[{fits}]")
     if list(milestones) != sorted(milestones):
         raise ConfigError(f"'{section}.milestones' must be increasing, got {milestones}")
 

@@ -71,6 +71,15 @@ def source_config(source: Path) -> Config:
         raise type(e)(f"cannot evaluate from {source}: {e}") from None
 
 
+def _check_complete(source: Path) -> None:
+    if not source.exists():
+        raise RunFolderError(f"cannot evaluate from {source}: it does not exist")
+    if not results.is_complete(source):
+        raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}, not a complete "
+                             "run; finish it first with `cilab run ... --resume` (or `cilab reproduce`, which "
+                             "resumes it)")
+
+
 def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite: bool = False,
                  meta: dict | None = None, log: Callable[[str], None] | None = None, planned_for=None) -> dict:
     """A complete run of ``cfg`` in ``out``, evaluated from the checkpoints of the complete run in
@@ -82,11 +91,9 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
     log = log or (lambda msg: tqdm.write(msg))
     if out.resolve() == source.resolve():
         raise RunFolderError(f"cannot evaluate {source} into itself; choose another --out")
-    if not results.is_complete(source):  # (a missing folder: said here, before a lock is made in it)
-        raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
+    _check_complete(source)  # (a missing folder: said here, before a lock is made in it)
     with runlock.RunLock(source, shared=True):  # checked and read as it is: nothing writes it meanwhile
-        if not results.is_complete(source):
-            raise RunFolderError(f"cannot evaluate from {source}: it holds no complete run")
+        _check_complete(source)
         theirs = source_config(source)
         if not trains_like(cfg, theirs):
             keys = runfolder.config_diff(_training_part(theirs).to_dict(), _training_part(cfg).to_dict())
@@ -155,6 +162,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    if not args.run.exists():
+        raise RunFolderError(f"{args.run} does not exist; give a run folder `cilab run` wrote")
     if not (args.run / results.CONFIG).is_file():
         raise RunFolderError(f"{args.run} is not a run folder (no {results.CONFIG}); give a folder `cilab run` wrote")
     if any(o.split("=", 1)[0].strip().split(".")[0] != "eval" for o in args.overrides):

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import results
+from . import results, runfolder
 from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, check_ddof, common_overrides,
                         curve_rows, find_run_folders, fmt_mean_std, format_summary_table, group_runs,
                         is_run_folder, load_run, mean_std, repeat_notes, spread_note, std_over,
@@ -37,6 +37,7 @@ from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, ch
 from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, FigureCache, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError
 from .errors import ReportError
+from .results import RunFolderError
 from .executors import cpu_count
 
 REPORT_FILES = ("report.md", "summary.csv", "curves.csv", "accuracy.png", "current_task_accuracy.png", "tsne.png",
@@ -147,8 +148,14 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
 
     check_ddof(ddof)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder; choose another --out")
     if is_run_folder(out):
         raise ReportError(f"--out {out} is a run folder; write the report into another folder")
+    try:
+        runfolder.check_writable(out)  # a file on the way to it, permissions: before any run is read
+    except RunFolderError as e:
+        raise ReportError(str(e)) from None
     runs = [load_run(p) for p in find_run_folders(paths)]
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():  # a previous report's files: none may outlive this one

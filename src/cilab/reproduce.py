@@ -284,7 +284,8 @@ def add_parser(sub) -> None:
         "longest runs started first when runs go at once, and a report per group.",
         epilog=f"groups (from presets/{GROUPS_FILE}):\n{listing}\n\n"
         "example (minutes on a CPU):\n  cilab reproduce baselines --out runs/repro data.name=digits "
-        "scenario.num_tasks=5 train.epochs=3 train.milestones=[2] train.batch_size=16 train.lr=0.2 memory.size=100",
+        "scenario.num_tasks=5 model.name=resnet20 train.epochs=4 train.milestones=[3] train.batch_size=16 "
+        "train.lr=0.2 memory.size=100",
     )
     p.add_argument("group", nargs="?", help="group name (see below), several joined by commas, or all: one plan "
                    "and one pool of runs, a run two groups share trained once, a report per group")

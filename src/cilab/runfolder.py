@@ -240,6 +240,7 @@ def check(out: Path, cfg, resume: bool, overwrite: bool, *, locked: bool = False
         # Without a completed task there is nothing to lose: a run that failed
         # or was killed before its first checkpoint must not block a plain rerun.
         return "clear"
+    resumable = resumable and not results.is_complete(out)  # a complete run has nothing to continue
     raise RunFolderError(
         f"{out} already holds results ({describe(out, live=not locked)}); pass "
         f"{'--resume to continue it or ' if resumable else ''}--overwrite to start again, or choose another --out"

@@ -98,7 +98,7 @@ def describe_groups(groups: dict[str, dict]) -> str:
     lines = []
     for name, g in groups.items():
         runs = ", ".join(
-            f"{r['preset']}{'-' + r['tag'] if r.get('tag') else ''}"
+            f"{r['preset']}{' (tag ' + r['tag'] + ')' if r.get('tag') else ''}"  # the preset to `cilab run`
             f"{' [' + ' '.join(r['overrides']) + ']' if r.get('overrides') else ''}"
             f" (seeds {','.join(map(str, r.get('seeds', [0])))})"
             for r in g["runs"])
@@ -158,6 +158,7 @@ def plan(group: str, out: str | Path, overrides: list[str] | None = None, *, gro
         raise ConfigError(f"unknown group '{group}'; groups: {', '.join(groups)}")
     g = groups[group]
     check_group(group, g)
+    check_out(Path(out))
     user = list(overrides or [])
     user_dict = overrides_to_dict(user)  # refuses malformed key=value early
     if "seed" in user_dict:
@@ -263,6 +264,16 @@ def check_datasets(specs: list[RunSpec]) -> None:
             Scenario.for_run(s.cfg, data)
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot hold the groups' run folders, before any work (a dry run too)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    if runfolder.is_run_folder(out):
+        raise ConfigError(f"--out {out} is a run folder; cilab reproduce writes a folder of groups of run folders: "
+                          "choose another --out")
+    runfolder.check_writable(out)  # permissions, a read-only mount, a file on the way to it
 
 
 def group_names(text: str, groups: dict) -> list[str]:

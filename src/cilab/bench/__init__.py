@@ -36,10 +36,12 @@ description) is in common.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
+from ..config import ConfigError
 from . import fused, pipeline, sharing, wholerun
 from .sharing import study_images
 
@@ -47,42 +49,49 @@ __all__ = ["add_parser", "study_images"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput, protocol and concurrency benchmarks (JSON out)",
+    p = sub.add_parser("bench", help="throughput, protocol, concurrency and batched benchmarks (JSON out)",
                        description="Benchmarks; each prints one JSON object. See the README, section Speed.")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)")
-    t.add_argument("--images", type=int, default=5000, help="task images per epoch for (b) and (c), plus --exemplars")
-    t.add_argument("--exemplars", type=int, default=2000, help="exemplars mixed into the task data")
-    t.add_argument("--epochs", type=int, default=0,
+    t = bsub.add_parser("throughput", help="training images/s: bare step (a), cilab trainer (b), DataLoader reference (c)",
+                        description="Training images/s of (a) the bare step on one batch, (b) cilab's trainer and (c) "
+                        "a torchvision DataLoader pipeline, all through the trainer's own step; rounds of a, b, c in "
+                        "turn, medians reported (README, Speed).")
+    t.add_argument("--images", type=_count(1), default=5000, help="task images per epoch for (b) and (c), plus --exemplars")
+    t.add_argument("--exemplars", type=_count(0), default=2000, help="exemplars mixed into the task data")
+    t.add_argument("--epochs", type=_count(0), default=0,
                    help="timed epochs per round for (b) and (c), (a) does as many steps; 0 = 1 on CPU, 20 on CUDA")
-    t.add_argument("--rounds", type=int, default=3, help="rounds of a, b, c in turn; the medians are reported")
-    t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
+    t.add_argument("--rounds", type=_count(1), default=3, help="rounds of a, b, c in turn; the medians are reported")
+    t.add_argument("--workers", type=_count(0), default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
     t.add_argument("--out", type=Path, help="also write the JSON here")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.device, train.amp, ...)")
     t.set_defaults(func=_cmd(pipeline.throughput))
-    q = bsub.add_parser("protocol", help="wall time of a whole iCaRL run, split into training, memory, evaluation")
-    q.add_argument("--tasks", type=int, default=10)
-    q.add_argument("--epochs", type=int, default=70)
-    q.add_argument("--train-per-class", type=int, default=500, help="images per class of the random stand-in data")
-    q.add_argument("--quiet", action="store_true")
+    q = bsub.add_parser("protocol", help="wall time of a whole iCaRL run, split into training, memory, evaluation",
+                        description="Times a whole iCaRL run (CIFAR-100 if it is in data.root, else random "
+                        "CIFAR-shaped data) and splits it into training, memory building and evaluation "
+                        "(README, Speed).")
+    q.add_argument("--tasks", type=_count(1), default=10, help="tasks (default 10)")
+    q.add_argument("--epochs", type=_count(1), default=70,
+                   help="epochs a task (default 70; the study's milestones 49, 63 scale with fewer)")
+    q.add_argument("--train-per-class", type=_count(1), default=500, help="images per class of the random stand-in data")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--out", type=Path, help="also write the JSON here")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     q.set_defaults(func=_cmd(wholerun.protocol))
     c = bsub.add_parser("concurrency", help="aggregate training images/s of N runs at once on one device, "
                         "and the whole study's projected wall time")
     c.add_argument("--jobs", metavar="N,N,...", help="runs at once to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
-    c.add_argument("--images", type=int, default=5000, help="random CIFAR-shaped training images of each run")
-    c.add_argument("--epochs", type=int, default=0, help="timed epochs of each run; 0 = 10 on CUDA, 1 on CPU")
-    c.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (CUDA start, graph capture)")
-    c.add_argument("--threads", type=int, help="CPU threads per run (default: the cores divided by N, as reproduce --jobs)")
+    c.add_argument("--images", type=_count(1), default=5000, help="random CIFAR-shaped training images of each run")
+    c.add_argument("--epochs", type=_count(0), default=0, help="timed epochs of each run; 0 = 10 on CUDA, 1 on CPU")
+    c.add_argument("--warmup-epochs", type=_count(0), default=1, help="untimed epochs first (CUDA start, graph capture)")
+    c.add_argument("--threads", type=_count(1), help="CPU threads per run (default: the cores divided by N, as reproduce --jobs)")
     _study_arguments(c)
     c.add_argument("--out", type=Path, help="also write the JSON here")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the runs (train.*)")
     c.set_defaults(func=_cmd(sharing.concurrency))
     g = bsub.add_parser("batched", help="training images/s of N ResNets fused into one grouped network, per N")
     g.add_argument("--models", metavar="N,N,...", help="networks fused, to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
-    g.add_argument("--steps", type=int, default=0, help="timed steps per N; 0 = 200 on CUDA, 2 on CPU")
-    g.add_argument("--processes", type=int, default=1,
+    g.add_argument("--steps", type=_count(0), default=0, help="timed steps per N; 0 = 200 on CUDA, 2 on CPU")
+    g.add_argument("--processes", type=_count(1), default=1,
                    help="processes, each with its own fused network, timed at once (fused networks under MPS); "
                         "default 1: in this process")
     _study_arguments(g)
@@ -96,13 +105,43 @@ def _study_arguments(p) -> None:
     """The projected study's options (concurrency, batched): which runs, and the data's size."""
     p.add_argument("--study-seeds", default="0,1,2", help="seeds of every run of the projected study (default 0,1,2)")
     p.add_argument("--groups-file", type=Path, help="groups of the projected study (default: the bundled groups.yaml)")
-    p.add_argument("--classes", type=int, default=100, help="classes of the study's data (CIFAR-100: 100)")
-    p.add_argument("--per-class", type=int, default=500,
+    p.add_argument("--classes", type=_count(1), default=100, help="classes of the study's data (CIFAR-100: 100)")
+    p.add_argument("--per-class", type=_count(1), default=500,
                    help="training images per class of the study's data (CIFAR-100: 500)")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (images, epochs, steps, rounds ...)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_out(out: Path | None) -> None:
+    """Refuse an --out the JSON cannot be written to, before the benchmark runs (it writes at the end)."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name for the JSON")
+    there = out.parent
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise ConfigError(f"cannot write --out {out}: {there} is a file, not a folder; choose another --out")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write --out {out}: {there} is not writable; choose another --out")
 
 
 def _cmd(fn):
     def run_bench(args) -> int:
+        _check_out(args.out)
         result = fn(args)
         text = json.dumps(result, indent=1)
         print(text)

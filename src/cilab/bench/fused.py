@@ -88,8 +88,6 @@ def batched(args) -> dict:
     if cfg.model.name not in GROUPED_BLOCKS:
         raise ConfigError(f"bench batched fuses cilab's CIFAR ResNets ({', '.join(GROUPED_BLOCKS)}), "
                           f"not model.name={cfg.model.name}")
-    if args.processes < 1:
-        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     models = _parse_jobs(args.models, device, "--models")
     steps = args.steps or (200 if device.type == "cuda" else 2)
     results = []

@@ -1,0 +1,160 @@
+"""What the command line says when it is given something it cannot use: one line that names the
+problem and the fix, before any work, for each case a review of the commands met as a user would.
+"""
+
+import re
+
+import pytest
+
+from cilab import cli
+from cilab.config import ConfigError, build_config
+from helpers import npz_overrides, tiny_npz
+
+
+@pytest.fixture
+def npz(tmp_path):
+    return tiny_npz(tmp_path / "tiny.npz")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+def test_report_into_a_file_is_refused_in_one_line(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert cli.main(["report", str(tmp_path), "--out", str(file)]) == 2
+    assert _error(capsys) == f"cilab: error: --out {file} is a file, not a folder; choose another --out"
+    under = file / "report"
+    assert cli.main(["report", str(tmp_path), "--out", str(under)]) == 2
+    err = _error(capsys)
+    assert err == f"cilab: error: cannot create {under}: {file} is a file, not a folder; choose another --out"
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("bench", ["throughput", "protocol", "concurrency", "batched"])
+def test_a_benchmarks_out_that_cannot_be_written_is_refused_before_it_runs(tmp_path, capsys, monkeypatch, bench):
+    """The JSON is written at the end: an --out found bad then cost the whole benchmark."""
+    from cilab.bench import fused, pipeline, sharing, wholerun
+
+    ran = []
+    for mod, name in ((pipeline, "throughput"), (wholerun, "protocol"), (sharing, "concurrency"), (fused, "batched")):
+        monkeypatch.setattr(mod, name, lambda args, name=name: ran.append(name) or {})
+    assert cli.main(["bench", bench, "--out", str(tmp_path)]) == 2
+    assert _error(capsys) == f"cilab: error: --out {tmp_path} is a folder; give a file name for the JSON"
+    file = tmp_path / "f"
+    file.write_text("")
+    assert cli.main(["bench", bench, "--out", str(file / "b.json")]) == 2
+    assert f"cannot write --out {file / 'b.json'}" in _error(capsys)
+    assert ran == []
+    assert cli.main(["bench", bench, "--out", str(tmp_path / "new" / "b.json")]) == 0 and ran == [bench]
+    assert (tmp_path / "new" / "b.json").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["concurrency", "--images", "0"], "argument --images: must be an integer >= 1, got 0"),
+    (["concurrency", "--epochs", "-1"], "argument --epochs: must be an integer >= 0, got -1"),
+    (["concurrency", "--warmup-epochs", "-1"], "argument --warmup-epochs: must be an integer >= 0, got -1"),
+    (["concurrency", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    (["batched", "--steps", "-1"], "argument --steps: must be an integer >= 0, got -1"),
+    (["batched", "--processes", "0"], "argument --processes: must be an integer >= 1, got 0"),
+    (["throughput", "--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    (["throughput", "--images", "0"], "argument --images: must be an integer >= 1, got 0"),
+    (["throughput", "--exemplars", "-5"], "argument --exemplars: must be an integer >= 0, got -5"),
+    (["throughput", "--workers", "-1"], "argument --workers: must be an integer >= 0, got -1"),
+    (["protocol", "--tasks", "0"], "argument --tasks: must be an integer >= 1, got 0"),
+    (["protocol", "--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["protocol", "--train-per-class", "0"], "argument --train-per-class: must be an integer >= 1, got 0"),
+])
+def test_benchmark_counts_that_make_no_sense_are_refused(capsys, argv, message):
+    """--images 0 divided by zero after the processes had started; --steps -1 projected a negative time."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_reproduce_into_a_file_is_refused_before_any_work(tmp_path, capsys, npz, dry_run):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    argv = ["reproduce", "classifiers", "--out", str(file), "--seeds", "0", *npz_overrides(npz, tasks=2)]
+    assert cli.main(argv + (["--dry-run"] if dry_run else [])) == 2
+    assert _error(capsys) == f"cilab: error: --out {file} is a file, not a folder; choose another --out"
+    assert file.read_text() == "mine"
+
+
+def test_reproduce_into_a_run_folder_is_refused(tmp_path, capsys, npz):
+    from cilab import runfolder
+
+    run = tmp_path / "r1"
+    run.mkdir()
+    runfolder.write_marker(run)
+    assert cli.main(["reproduce", "classifiers", "--out", str(run), "--seeds", "0", "--dry-run",
+                     *npz_overrides(npz, tasks=2)]) == 2
+    assert _error(capsys) == (f"cilab: error: --out {run} is a run folder; cilab reproduce writes a folder of "
+                              "groups of run folders: choose another --out")
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 5, 50])
+def test_a_milestone_past_the_epochs_names_milestones_that_fit(epochs):
+    """It suggested [3,4] whatever the epochs, itself invalid below 5, and 'outside 1..0' at one epoch."""
+    with pytest.raises(ConfigError) as e:
+        build_config("icarl", [f"train.epochs={epochs}", f"train.milestones=[{epochs}]"])
+    text = str(e.value)
+    if epochs == 1:
+        assert text == ("'train.milestones' has 1, but train.epochs=1 leaves no epoch to lower the learning "
+                        "rate after; pass train.milestones=[]")
+        return
+    assert text.startswith(f"'train.milestones' has {epochs}, outside 1..{epochs - 1} (train.epochs={epochs}); ")
+    suggested = re.findall(r"train\.milestones=(\[[0-9,]*\])", text)
+    assert suggested and suggested[0] == "[]"
+    for milestones in suggested:  # every suggestion is itself valid for these epochs
+        build_config("icarl", [f"train.epochs={epochs}", f"train.milestones={milestones}"])
+
+
+def test_a_complete_run_is_neither_offered_nor_given_a_resume(tmp_path, capsys, npz):
+    from cilab import results
+
+    out = tmp_path / "r1"
+    argv = ["run", "icarl", "--out", str(out), "--quiet", *npz_overrides(npz, tasks=2)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    before = (out / results.METRICS).read_text()
+    assert cli.main(argv) == 2
+    assert _error(capsys) == (f"cilab: error: {out} already holds results (a complete run); "
+                              "pass --overwrite to start again, or choose another --out")
+    assert cli.main(argv + ["--resume"]) == 0
+    assert f"{out} is complete (2 of 2 tasks): nothing to resume" in capsys.readouterr().out
+    assert (out / results.METRICS).read_text() == before
+
+
+def test_evaluate_names_a_missing_source_and_an_unfinished_one(tmp_path, capsys, npz):
+    from cilab import results, runfolder
+
+    missing = tmp_path / "nowhere"
+    assert cli.main(["evaluate", str(missing), "--out", str(tmp_path / "e")]) == 2
+    assert _error(capsys) == f"cilab: error: {missing} does not exist; give a run folder `cilab run` wrote"
+
+    half = tmp_path / "half"
+    half.mkdir()
+    runfolder.write_marker(half)
+    cfg = build_config("icarl", npz_overrides(npz, tasks=2))
+    results.atomic_write_yaml(half / results.CONFIG, cfg.to_dict())
+    results.atomic_write_json(half / results.METRICS, {"status": "interrupted", "completed_tasks": 1, "num_tasks": 2})
+    results.atomic_write_bytes(results.checkpoint_path(half, 0), b"task 1's checkpoint")
+    assert cli.main(["evaluate", str(half), "--out", str(tmp_path / "e")]) == 2
+    assert _error(capsys) == (f"cilab: error: cannot evaluate from {half}: it holds a run that stopped "
+                              "(interrupted), 1 of 2 tasks done, not a complete run; finish it first with "
+                              "`cilab run ... --resume` (or `cilab reproduce`, which resumes it)")
+
+
+def test_an_unknown_option_says_where_the_options_are(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "icarl", "--out", str(tmp_path / "r"), "--ovewrite"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("cilab: error: unrecognized arguments: --ovewrite (`cilab run --help` lists the options; "
+                    "config overrides are key=value)")
