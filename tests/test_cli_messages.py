@@ -158,3 +158,21 @@ def test_an_unknown_option_says_where_the_options_are(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("cilab: error: unrecognized arguments: --ovewrite (`cilab run --help` lists the options; "
                     "config overrides are key=value)")
+
+
+def test_a_preset_files_mistakes_name_the_file(tmp_path):
+    """A preset that extends a misspelt one, or holds a misspelt key: the error names the file it is in."""
+    bad_parent = tmp_path / "mine.yaml"
+    bad_parent.write_text("extends: icrl\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(str(bad_parent))
+    assert str(e.value).startswith(f"preset '{bad_parent}' extends 'icrl': unknown preset 'icrl'. Did you mean 'icarl'?")
+    bad_key = tmp_path / "typo.yaml"
+    bad_key.write_text("extends: icarl\ntrian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(str(bad_key))
+    assert str(e.value).startswith(f"preset '{bad_key}': ") and "trian" in str(e.value)
+    # a misspelt override is the user's, not the preset's
+    with pytest.raises(ConfigError) as e:
+        build_config("icarl", ["trian.epochs=3"])
+    assert not str(e.value).startswith("preset")

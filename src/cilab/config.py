@@ -284,13 +284,22 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
     if parent:
         if parent in _seen:
             raise ConfigError(f"preset '{name_or_path}' extends itself through {' -> '.join(_seen)}")
-        data = deep_merge(load_preset_dict(parent, _seen + (name_or_path,)), data)
+        try:
+            inherited = load_preset_dict(parent, _seen + (name_or_path,))
+        except ConfigError as e:  # name the file the mistake is in
+            raise ConfigError(f"preset '{name_or_path}' extends '{parent}': {e}") from None
+        data = deep_merge(inherited, data)
     return data
 
 
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- preset <- overrides, validated."""
     data = load_preset_dict(preset) if preset else {}
+    if preset:
+        try:
+            from_dict(Config, data)  # a misspelt key or a wrong type in the preset file: say which file
+        except ConfigError as e:
+            raise ConfigError(f"preset '{preset}': {e}") from None
     extra = {}
     if overrides:
         extra = overrides if isinstance(overrides, dict) else overrides_to_dict(list(overrides))
