@@ -176,3 +176,11 @@ def test_a_preset_files_mistakes_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_config("icarl", ["trian.epochs=3"])
     assert not str(e.value).startswith("preset")
+
+
+@pytest.mark.parametrize("bench", ["throughput", "concurrency", "batched"])
+def test_a_benchmark_refuses_overrides_it_would_ignore(capsys, bench):
+    """They train random CIFAR-shaped data: data.name=digits was accepted and changed nothing."""
+    assert cli.main(["bench", bench, "data.name=digits", "train.batch_size=8", "memory.size=10"]) == 2
+    assert _error(capsys) == ("cilab: error: data.name, memory.size: this benchmark trains random CIFAR-shaped data "
+                              "and reads only train.*, model.*, loss.* overrides; leave the others out")

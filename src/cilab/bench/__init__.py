@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     t.add_argument("--rounds", type=_count(1), default=3, help="rounds of a, b, c in turn; the medians are reported")
     t.add_argument("--workers", type=_count(0), default=min(4, os.cpu_count() or 1), help="DataLoader workers for (c)")
     t.add_argument("--out", type=Path, help="also write the JSON here")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (train.device, train.amp, ...)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="train.*, model.*, loss.* overrides (train.device, train.amp, ...)")
     t.set_defaults(func=_cmd(pipeline.throughput))
     q = bsub.add_parser("protocol", help="wall time of a whole iCaRL run, split into training, memory, evaluation",
                         description="Times a whole iCaRL run (CIFAR-100 if it is in data.root, else random "
@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
     c.add_argument("--threads", type=_count(1), help="CPU threads per run (default: the cores divided by N, as reproduce --jobs)")
     _study_arguments(c)
     c.add_argument("--out", type=Path, help="also write the JSON here")
-    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the runs (train.*)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="train.*, model.*, loss.* overrides for the runs")
     c.set_defaults(func=_cmd(sharing.concurrency))
     g = bsub.add_parser("batched", help="training images/s of N ResNets fused into one grouped network, per N")
     g.add_argument("--models", metavar="N,N,...", help="networks fused, to try (default 1,2,4,8 on CUDA, 1,2 on CPU)")
@@ -97,7 +97,7 @@ def add_parser(sub) -> None:
     _study_arguments(g)
     g.add_argument("--out", type=Path, help="also write the JSON here")
     g.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides (train.*, model.name=resnet20|resnet32)")
+                   help="train.*, loss.* and model.name=resnet20|resnet32 overrides")
     g.set_defaults(func=_cmd(fused.batched))
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..config import build_config
+from ..config import ConfigError, build_config
 from ..data.loader import BatchLoader, Normalizer
 from ..runtime import Runtime
 from ..losses import Criterion
@@ -45,9 +45,19 @@ def _device_info(device) -> dict:
 
 
 class Setup:
-    """The config and what it resolves to on this machine, shared by a, b and c."""
+    """The config and what it resolves to on this machine, shared by a, b and c.
+
+    These benchmarks train random CIFAR-shaped data with iCaRL's step: of the overrides only
+    the sections they read apply (``APPLIES``); any other is refused rather than ignored."""
+
+    APPLIES = ("train", "model", "loss")
 
     def __init__(self, train_overrides: list[str]):
+        keys = [o.split("=", 1)[0].strip() for o in train_overrides]
+        stray = [k for k in keys if k.split(".", 1)[0] not in self.APPLIES]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: this benchmark trains random CIFAR-shaped data and reads only "
+                              f"{', '.join(s + '.*' for s in self.APPLIES)} overrides; leave the others out")
         self.cfg = build_config("icarl", ["data.name=digits", *train_overrides])
         self.rt = Runtime.resolve(self.cfg.train)
         self.device, self.memory_format = self.rt.device, self.rt.memory_format
@@ -99,8 +109,6 @@ def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor
 
 
 def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
-    from ..config import ConfigError
-
     if text is None:
         return [1, 2, 4, 8] if device.type == "cuda" else [1, 2]
     try:
