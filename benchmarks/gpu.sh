@@ -286,7 +286,8 @@ for f in sorted(out.glob("batched*.json")):
     where = f"{b['processes']} processes, MPS {'on' if b['mps_running'] else 'off'}" if b["processes"] > 1 else "1 process"
     for r in b["results"]:
         print(f"{f.stem} N={r['models']} ({where}): " + (r["error"] if "error" in r else
-              f"{r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1"))
+              f"{r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1"
+              + (f"; WARNINGS {r['warnings']}" if r.get("warnings") else "")))
     print(f"{f.stem}: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
 if (out / "study.json").exists():
     st = json.load(open(out / "study.json"))

@@ -172,6 +172,10 @@ def test_a_preset_files_mistakes_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_config(str(bad_key))
     assert str(e.value).startswith(f"preset '{bad_key}': ") and "trian" in str(e.value)
+    # an override that mends the file's bad value is taken, as before
+    mended = tmp_path / "mended.yaml"
+    mended.write_text("extends: icarl\ntrain:\n  epochs: many\n")
+    assert build_config(str(mended), ["train.epochs=3", "train.milestones=[]"]).train.epochs == 3
     # a misspelt override is the user's, not the preset's
     with pytest.raises(ConfigError) as e:
         build_config("icarl", ["trian.epochs=3"])
@@ -184,3 +188,23 @@ def test_a_benchmark_refuses_overrides_it_would_ignore(capsys, bench):
     assert cli.main(["bench", bench, "data.name=digits", "train.batch_size=8", "memory.size=10"]) == 2
     assert _error(capsys) == ("cilab: error: data.name, memory.size: this benchmark trains random CIFAR-shaped data "
                               "and reads only train.*, model.*, loss.* overrides; leave the others out")
+
+
+def test_a_dry_run_plans_a_study_it_may_not_write_and_the_real_run_is_refused(tmp_path, capsys, npz, monkeypatch):
+    """A dry run only looks (a colleague's study on a read-only mount); running refuses in one line."""
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    study = tmp_path / "study"
+    study.mkdir()
+    argv = ["reproduce", "classifiers", "--out", str(study), "--seeds", "0", *npz_overrides(npz, tasks=2)]
+    assert cli.main(argv + ["--dry-run"]) == 0
+    assert "icarl-classifiers-s0" in capsys.readouterr().out
+    assert cli.main(argv) == 2
+    assert "Read-only file system" in _error(capsys)
+    assert list(study.iterdir()) == []

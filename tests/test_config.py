@@ -200,3 +200,20 @@ def test_absent_means_must_name_settings_of_the_method():
         @register("bad-absent")
         class Bad(Method):
             absent_means = {"nope": 1}
+
+
+def test_an_older_folders_config_read_for_its_network_keeps_its_own_settings():
+    """network_only sets the key that gives the folder away to today's default, nothing else: the run's
+    own eval.batch_size (read by the figures' feature passes) and a run without exemplars stay readable."""
+    from cilab.config import DeepInversionConfig, saved_config
+
+    data = build_config("finetune").to_dict()
+    del data["eval"]["fc_scope"]
+    data["eval"]["batch_size"] = 77
+    cfg = saved_config(data, network_only=True)
+    assert cfg.eval.batch_size == 77 and cfg.memory.size == 0 and cfg.eval.classifiers == ["fc"]
+    di = build_config("icarl-di-noise", ["memory.deepinversion.iterations=11"]).to_dict()
+    di["memory"]["deepinversion"]["batch_size"] = 0
+    cfg = saved_config(di, network_only=True)
+    assert cfg.memory.deepinversion.iterations == 11 and cfg.memory.deepinversion.alpha_f == 1.0
+    assert cfg.memory.deepinversion.batch_size == DeepInversionConfig().batch_size

@@ -549,3 +549,15 @@ def test_cudnn_benchmark_auto_is_off_in_a_cuda_run_and_put_back(torch_state, tin
     m = run(build_config("icarl", tiny_data + ["train.device=cuda"]), tmp_path / "run", progress=False)
     assert [s["cudnn_benchmark"] for s in torch_state] == [False] * 2 and m["cudnn_benchmark"] is False
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_benchmark_keeps_the_warnings_of_a_block_that_failed():
+    """A capture that failed and then a crash: the warning may be why, and the JSON's error entry keeps it."""
+    from cilab.bench.common import warnings_into
+
+    seen = []
+    with pytest.raises(RuntimeError), pytest.warns(RuntimeWarning, match="capture failed"):
+        with warnings_into(seen):
+            warnings.warn("capture failed", RuntimeWarning)
+            raise RuntimeError("the step blew up")
+    assert seen == ["RuntimeWarning: capture failed"]

@@ -250,8 +250,12 @@ def old_run(tmp_path):
 def test_non_empty_run_folder_is_refused_without_resume_or_overwrite(old_run, capsys):
     before = files(old_run)
     rc, err = run_cli(["run", "icarl", "--out", str(old_run), *TINY], capsys)
-    assert rc == 2 and "already holds results" in err and "--resume" in err and "--overwrite" in err
-    assert files(old_run) == before
+    # a complete run: nothing to continue, so only --overwrite is offered
+    assert rc == 2 and "already holds results (a complete run)" in err and "--overwrite" in err
+    assert "--resume" not in err
+    results.atomic_write_json(old_run / results.METRICS, {"status": "interrupted", "completed_tasks": 1})
+    rc, err = run_cli(["run", "icarl", "--out", str(old_run), *TINY], capsys)
+    assert rc == 2 and "already holds results" in err and "--resume to continue it" in err and "--overwrite" in err
 
 
 def test_resume_with_another_config_is_refused(old_run, capsys):

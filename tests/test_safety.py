@@ -170,8 +170,16 @@ def test_load_checkpoint_refuses_a_pickled_payload_without_running_it(tiny_run, 
     assert "weights_only" not in msg  # torch's hint to load it unsafely is not passed on
 
 
+def _cut_short(folder):
+    """As if the run had been killed before it said it was complete: --resume then loads its last
+    checkpoint (a complete run's --resume has nothing to load)."""
+    m = results.read_metrics(folder)
+    results.atomic_write_json(folder / results.METRICS, {**m, "status": "interrupted"})
+    return folder
+
+
 def test_resume_refuses_a_pickled_payload_without_running_it(tiny_run, tmp_path, capsys, ov):
-    folder = copy_run(tiny_run, tmp_path / "shared")
+    folder = _cut_short(copy_run(tiny_run, tmp_path / "shared"))
     flag = tmp_path / "pwned"
     plant_payload(folder, flag)
     rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov, "--quiet", "--resume"], capsys)
@@ -191,7 +199,7 @@ def test_report_refuses_a_pickled_payload_without_running_it(tiny_run, tmp_path,
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line(tiny_run, tmp_path, capsys, ov):
-    folder = copy_run(tiny_run, tmp_path / "shared")
+    folder = _cut_short(copy_run(tiny_run, tmp_path / "shared"))
     path = results.checkpoint_path(folder, 1)
     path.write_bytes(path.read_bytes()[:1000])
     rc, _, err = run_cli(["run", "icarl", "--out", folder, *ov, "--quiet", "--resume"], capsys)

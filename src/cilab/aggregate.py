@@ -71,7 +71,7 @@ class Run:
         return any(m.get("memory_total") or [])
 
 
-def is_run_folder(p: Path) -> bool:
+def holds_run_files(p: Path) -> bool:
     return (p / results.METRICS).exists() or (p / results.CONFIG).exists()
 
 
@@ -81,7 +81,7 @@ def find_run_folders(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f"{p} is not a folder")
-        if is_run_folder(p):
+        if holds_run_files(p):
             found.append(p)
             continue
         inner = sorted({q.parent for pat in (results.METRICS, results.CONFIG) for q in p.rglob(pat)})

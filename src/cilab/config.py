@@ -294,20 +294,30 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
 
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- preset <- overrides, validated."""
-    data = load_preset_dict(preset) if preset else {}
-    if preset:
-        try:
-            from_dict(Config, data)  # a misspelt key or a wrong type in the preset file: say which file
-        except ConfigError as e:
-            raise ConfigError(f"preset '{preset}': {e}") from None
+    own = data = load_preset_dict(preset) if preset else {}
     extra = {}
     if overrides:
         extra = overrides if isinstance(overrides, dict) else overrides_to_dict(list(overrides))
         data = deep_merge(data, extra)
-    cfg = from_dict(Config, data)
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as e:
+        if preset and _fails_alone(own, e):  # a misspelt key or a wrong type in the preset file: say which file
+            raise ConfigError(f"preset '{preset}': {e}") from None
+        raise
     _refuse_unread_loss_settings(cfg, extra.get("loss"))  # first: the loss pair's own checks do not apply
     validate(cfg)
     return cfg
+
+
+def _fails_alone(preset_data: dict, error: ConfigError) -> bool:
+    """Whether the preset's own mapping fails as the merged one did (the mistake is the file's,
+    not an override's; an override may also mend a bad value of the file)."""
+    try:
+        from_dict(Config, preset_data)
+    except ConfigError as alone:
+        return str(alone) == str(error)
+    return False
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -323,19 +333,19 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # Method.absent_means), not the new default. Where no value does, the folder is refused: its
 # metrics.json still says what it computed, but it is not a run this cilab can resume, copy or
 # evaluate again. Evidence of such a folder: (test on the saved mapping, the evidence in words,
-# the section that holds what no setting reproduces).
-# What such a folder still gives is its network: the data, scenario, model and method sections,
-# which the figures drawn from its checkpoints (t-SNE, exemplar grids) read. ``network_only``
-# reads those, leaving the sections in question to this cilab's defaults.
+# the key that gives it away).
+# What such a folder still gives is its network and its exemplars, which the figures drawn from
+# its checkpoints (t-SNE, exemplar grids) read. ``network_only`` reads it with that key at this
+# cilab's default: the key is about evaluation or synthesis, which no figure does again.
 _OLDER_THAN_EVERY_SETTING = (
     # before ead4b93: NME's class means without the flipped exemplars, the fc's arg-max over
     # the seen classes, features in the autocast dtype
     (lambda d: isinstance(d.get("eval"), dict) and "fc_scope" not in d["eval"], "it has no eval.fc_scope",
-     ("eval",)),
+     ("eval", "fc_scope")),
     # before 0f89dea: DeepInversion's objective otherwise, and (older still) the loss pairs' scales
     (lambda d: isinstance(d.get("memory"), dict) and isinstance(d["memory"].get("deepinversion"), dict)
      and d["memory"]["deepinversion"].get("batch_size") == 0, "memory.deepinversion.batch_size is 0",
-     ("memory", "deepinversion")),
+     ("memory", "deepinversion", "batch_size")),
 )
 
 
@@ -345,10 +355,10 @@ def saved_config(data: dict[str, Any], *, network_only: bool = False) -> Config:
     ConfigError for an invalid one.
 
     ``network_only``: for what reads only the run's network, exemplars and data (the figures
-    drawn from its checkpoints): such a folder is read too, the sections that no setting
-    reproduces filled with this cilab's defaults; those sections must then not be used."""
+    drawn from its checkpoints): such a folder is read too, the key that gives it away at this
+    cilab's default; evaluating or synthesising by that config would not compute what it did."""
     data = copy.deepcopy(data)
-    for written_before, evidence, section in _OLDER_THAN_EVERY_SETTING:
+    for written_before, evidence, key in _OLDER_THAN_EVERY_SETTING:
         if not written_before(data):
             continue
         if not network_only:
@@ -356,11 +366,11 @@ def saved_config(data: dict[str, Any], *, network_only: bool = False) -> Config:
                 f"an older cilab wrote it ({evidence}), one that computed NME, the fc classifier, the loss "
                 "pairs or DeepInversion otherwise; no setting of this one reproduces its numbers (its "
                 "metrics.json still reports them), so it cannot be resumed, copied or evaluated again")
-        *parents, last = section
+        *parents, last = key
         holder = data
-        for key in parents:
-            holder = holder[key]
-        del holder[last]
+        for name in parents:
+            holder = holder[name]
+        holder.pop(last, None)  # absent: the default fills it
     method = METHODS[data["method"]] if data.get("method") in METHODS else None
     if method is not None and method.absent_means and isinstance(data.get("method_args", {}), dict):
         data["method_args"] = {**method.absent_means, **data.get("method_args", {})}

@@ -55,7 +55,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
         position: int = 0, meta: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Run the whole protocol of ``cfg`` into the run folder ``out``; returns metrics.json's content.
 
-    ``meta`` (preset name, overrides) is stored in metrics.json for reports.
+    ``meta`` (preset name, overrides) is stored in metrics.json for reports. ``resume`` of a
+    complete run (of the same config) writes nothing and returns its metrics.
     """
     out = Path(out)
     log = log or (lambda msg: tqdm.write(msg))

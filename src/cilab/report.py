@@ -32,7 +32,7 @@ import numpy as np
 from . import results, runfolder
 from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, check_ddof, common_overrides,
                         curve_rows, find_run_folders, fmt_mean_std, format_summary_table, group_runs,
-                        is_run_folder, load_run, mean_std, repeat_notes, spread_note, std_over,
+                        holds_run_files, load_run, mean_std, repeat_notes, spread_note, std_over,
                         summarize_variants, write_csv)
 from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, FigureCache, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError
@@ -150,7 +150,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a folder; choose another --out")
-    if is_run_folder(out):
+    if holds_run_files(out):
         raise ReportError(f"--out {out} is a run folder; write the report into another folder")
     try:
         runfolder.check_writable(out)  # a file on the way to it, permissions: before any run is read

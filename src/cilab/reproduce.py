@@ -40,7 +40,8 @@ from .config import ConfigError
 from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
 from .reevaluate import evaluate_run
 from .runspec import RunResult, RunSpec
-from .studyplan import GROUPS_FILE, describe_groups, group_names, load_groups, longest_first, plan_study, repeated
+from .studyplan import (GROUPS_FILE, describe_groups, group_names, load_groups, longest_first, parse_seeds,
+                        plan_study)
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -210,6 +211,7 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     names = group_names(group, groups) if isinstance(group, str) else list(dict.fromkeys(group))
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
     specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
+    runfolder.check_writable(Path(out))  # permissions, a read-only mount: before any run starts
     todo = [s for s in specs if s.action not in ("skip", "copy")]  # what the executor will run
     advice = getattr(runner, "notes", None)  # optional in the executor contract
     for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
@@ -239,20 +241,6 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
 
 
 # -- command line ------------------------------------------------------------------------
-
-
-def _parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise ConfigError(f"--seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
-    if repeated(seeds) is not None:
-        raise ConfigError(f"--seeds lists {repeated(seeds)} twice; give each seed once (e.g. 0,1)")
-    return seeds
 
 
 def add_parser(sub) -> None:
@@ -339,7 +327,7 @@ def cmd_reproduce(args) -> int:
     if args.out is None:
         raise ConfigError("--out DIR is required: runs go to DIR/GROUP/<run>")
     overrides = list(args.set_overrides) + list(args.overrides)
-    seeds = _parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds)
     name, options = _executor_args(args)
     if args.dry_run:
         make_executor(name, **options)  # its options are checked too

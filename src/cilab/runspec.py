@@ -1,6 +1,6 @@
 """A planned run and its outcome: what ``cilab reproduce`` plans, executors run and reports read.
 
-Kept apart from :mod:`cilab.reproduce` (which plans them) and :mod:`cilab.executors`
+Kept apart from :mod:`cilab.studyplan` (which plans them) and :mod:`cilab.executors`
 (which runs them) so that both can use them without importing each other.
 """
 

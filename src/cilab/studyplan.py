@@ -267,13 +267,27 @@ def check_datasets(specs: list[RunSpec]) -> None:
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out that cannot hold the groups' run folders, before any work (a dry run too)."""
+    """Refuse an --out that cannot hold the groups' run folders, by looking only (a dry run of a
+    read-only study is a plan too; ``reproduce`` then checks it can write there)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     if runfolder.is_run_folder(out):
         raise ConfigError(f"--out {out} is a run folder; cilab reproduce writes a folder of groups of run folders: "
                           "choose another --out")
-    runfolder.check_writable(out)  # permissions, a read-only mount, a file on the way to it
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
+    if repeated(seeds) is not None:
+        raise ConfigError(f"--seeds lists {repeated(seeds)} twice; give each seed once (e.g. 0,1)")
+    return seeds
 
 
 def group_names(text: str, groups: dict) -> list[str]:

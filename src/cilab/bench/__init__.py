@@ -41,7 +41,9 @@ import json
 import os
 from pathlib import Path
 
+from .. import runfolder
 from ..config import ConfigError
+from ..results import RunFolderError
 from . import fused, pipeline, sharing, wholerun
 from .sharing import study_images
 
@@ -130,13 +132,10 @@ def _check_out(out: Path | None) -> None:
         return
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name for the JSON")
-    there = out.parent
-    while not there.exists() and there != there.parent:
-        there = there.parent
-    if not there.is_dir():
-        raise ConfigError(f"cannot write --out {out}: {there} is a file, not a folder; choose another --out")
-    if not os.access(there, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write --out {out}: {there} is not writable; choose another --out")
+    try:
+        runfolder.check_writable(out.parent)  # a file on the way to it, permissions, a read-only mount
+    except RunFolderError as e:
+        raise ConfigError(f"cannot write --out {out}: {e}") from None
 
 
 def _cmd(fn):

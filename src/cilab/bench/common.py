@@ -18,25 +18,28 @@ from ..models import create_model
 from ..trainer import build_step, train_task
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
-def _warnings_into(seen: list[str]):
+def warnings_into(seen: list[str]):
     """Record the warnings raised in the block into ``seen`` (each message once), and show them
     as usual: a figure made while, say, a CUDA-graph capture failed and training went on eagerly
     (train.cuda_graphs=auto) is an eager figure, and the benchmark's JSON must say so."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    seen.extend(m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in seen)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # after the recording ends (showwarning is the real one again), and when the block fails too
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        seen.extend(m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in seen)
 
 
-def _device_info(device) -> dict:
+def device_info(device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
@@ -88,7 +91,7 @@ class Setup:
 
     def loader(self, images: int, num_classes: int, seed: int = 0) -> BatchLoader:
         """Random CIFAR-shaped uint8 data on the device, batched and augmented as a run's task data."""
-        x, y = _random_cifar(images, num_classes, seed)
+        x, y = random_cifar(images, num_classes, seed)
         normalizer = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25)).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return BatchLoader(x.to(self.device), y.to(self.device), self.cfg.train.batch_size, normalizer, True, gen,
@@ -101,14 +104,14 @@ class Setup:
                           graphs=self.rt.graphs)
 
 
-def _random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_cifar(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.arange(n) % num_classes
     return x, y
 
 
-def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
+def parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") -> list[int]:
     if text is None:
         return [1, 2, 4, 8] if device.type == "cuda" else [1, 2]
     try:
@@ -120,7 +123,45 @@ def _parse_jobs(text: str | None, device: torch.device, option: str = "--jobs") 
     return jobs
 
 
-def _mps_running(device) -> bool | None:
+def mps_running_on(device) -> bool | None:
     from ..executors import mps_running
 
     return mps_running() if device.type == "cuda" else None
+
+
+def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> dict:
+    """``target(conn, barrier, i, *args, threads)`` in n spawned processes on the one device, which
+    start their timed part together at the barrier and send back {images, start, end, ...} or
+    {error}; their numbers and the aggregate: all images / (last end - first start)."""
+    import multiprocessing
+
+    from ..executors import cpu_count
+
+    ctx = multiprocessing.get_context("spawn")  # like reproduce --jobs: fresh processes, no inherited CUDA state
+    threads = threads or max(1, cpu_count() // n)  # reproduce --jobs N's default
+    barrier = ctx.Barrier(n)
+    procs, pipes = [], []
+    for i in range(n):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=target, args=(send, barrier, i, *args, threads), daemon=True)  # never outlives the benchmark
+        p.start()
+        send.close()
+        procs.append(p)
+        pipes.append(recv)
+    runs = []
+    for p, recv in zip(procs, pipes):
+        try:
+            runs.append(recv.recv())
+        except EOFError:
+            runs.append({"error": "the process died without a word (out of memory?)"})
+        p.join()
+    out = {"threads_per_run": threads, "runs": runs}
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        return {**out, "error": "; ".join(dict.fromkeys(errors))}
+    for r in runs:
+        r["seconds"] = r["end"] - r["start"]
+        r["images_per_s"] = r["images"] / r["seconds"]
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    total = sum(r["images"] for r in runs)
+    return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}

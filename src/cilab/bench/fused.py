@@ -15,8 +15,8 @@ import torch
 
 from ..losses import Criterion
 from ..trainer import GraphedStep, build_step
-from .common import Setup, _device_info, _mps_running, _parse_jobs, _sync, _warnings_into
-from .sharing import _together, study_images
+from .common import Setup, device_info, mps_running_on, parse_jobs, spawn_together, sync, warnings_into
+from .sharing import study_images
 
 GROUPED_BLOCKS = {"resnet20": 3, "resnet32": 5}  # blocks per stage of the CIFAR ResNets that fuse
 
@@ -46,13 +46,13 @@ def _fused_steps(setup: Setup, n: int, steps: int, barrier=None) -> dict:
     y = torch.randint(0, 20, (bs, n), device=device)
     for _ in range(GraphedStep.WARMUP + 2):  # warm-up and capture, not timed
         step(x, y)
-    _sync(device)
+    sync(device)
     if barrier is not None:
         barrier.wait(timeout=600)
     start = time.monotonic()  # one clock for every process of the machine, as concurrency's runs
     for _ in range(steps):
         step(x, y)
-    _sync(device)
+    sync(device)
     end = time.monotonic()
     # a failed capture falls back to eager steps ("try"): say which the figure is
     graphed = isinstance(step, GraphedStep) and not step.failed
@@ -61,16 +61,16 @@ def _fused_steps(setup: Setup, n: int, steps: int, barrier=None) -> dict:
 
 def _fused_process(conn, barrier, i: int, overrides: list[str], n: int, steps: int, threads: int) -> None:
     """One of ``--processes`` processes timing the fused step at once (a spawned process)."""
+    seen: list[str] = []
     try:
         torch.set_num_threads(threads)
         setup = Setup(overrides)
-        seen: list[str] = []
-        with setup.rt.applied(), _warnings_into(seen):
+        with setup.rt.applied(), warnings_into(seen):
             r = _fused_steps(setup, n, steps, barrier)
         conn.send({**r, "warnings": seen, "threads": threads, "device": str(setup.device)})
     except BaseException as e:  # noqa: BLE001 - reported in the JSON, the next N goes on
         barrier.abort()
-        conn.send({"error": f"{type(e).__name__}: {e}"})
+        conn.send({"error": f"{type(e).__name__}: {e}", "warnings": seen})
 
 
 def batched(args) -> dict:
@@ -80,34 +80,34 @@ def batched(args) -> dict:
     concurrency's runs do, with cores // P threads): fused networks under MPS.
     """
     from ..config import ConfigError
-    from ..reproduce import _parse_seeds
-    from ..studyplan import load_groups
+    from ..studyplan import load_groups, parse_seeds
 
     setup = Setup(args.overrides)
     cfg, device = setup.cfg, setup.device
     if cfg.model.name not in GROUPED_BLOCKS:
         raise ConfigError(f"bench batched fuses cilab's CIFAR ResNets ({', '.join(GROUPED_BLOCKS)}), "
                           f"not model.name={cfg.model.name}")
-    models = _parse_jobs(args.models, device, "--models")
+    models = parse_jobs(args.models, device, "--models")
     steps = args.steps or (200 if device.type == "cuda" else 2)
     results = []
     for n in models:
         if args.processes == 1:
             seen: list[str] = []
-            with setup.rt.applied(), _warnings_into(seen):
+            with setup.rt.applied(), warnings_into(seen):
                 r = _fused_steps(setup, n, steps)
             r["warnings"] = seen
             seconds = r.pop("end") - r.pop("start")
-            results.append({"models": n, **r, "seconds": seconds, "images_per_s": r["images"] / seconds})
+            results.append({"models": n, "steps": steps, **r, "seconds": seconds, "images_per_s": r["images"] / seconds})
             continue
-        together = _together(args.processes, _fused_process, (args.overrides, n, steps))
+        together = spawn_together(args.processes, _fused_process, (args.overrides, n, steps))
         if "error" in together:
             results.append({"models": n, **together})
             continue
-        results.append({"models": n, "runs": together["runs"], "threads_per_run": together["threads_per_run"],
-                        "images": together["images"], "seconds": together["wall_s"],
-                        "images_per_s": together["aggregate_images_per_s"],
-                        "graphed": all(run["graphed"] for run in together["runs"])})
+        results.append({"models": n, "steps": steps, "runs": together["runs"],
+                        "threads_per_run": together["threads_per_run"], "images": together["images"],
+                        "seconds": together["wall_s"], "images_per_s": together["aggregate_images_per_s"],
+                        "graphed": all(run["graphed"] for run in together["runs"]),
+                        "warnings": list(dict.fromkeys(w for run in together["runs"] for w in run["warnings"]))})
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise RuntimeError("bench batched: every N failed: " + "; ".join(r["error"] for r in results))
@@ -115,11 +115,11 @@ def batched(args) -> dict:
     for r in ok:
         r["speedup_over_one_model"] = r["images_per_s"] / base["images_per_s"] if base else None
     best = max(ok, key=lambda r: r["images_per_s"])
-    total = sum(r["images"] for r in study_images(load_groups(args.groups_file), _parse_seeds(args.study_seeds),
+    total = sum(r["images"] for r in study_images(load_groups(args.groups_file), parse_seeds(args.study_seeds),
                                                   classes=args.classes, per_class=args.per_class))
-    return {"benchmark": "batched", **_device_info(device), **setup.settings(),
+    return {"benchmark": "batched", **device_info(device), **setup.settings(),
             "batch_size_per_model": cfg.train.batch_size, "processes": args.processes,
-            "mps_running": _mps_running(device), "results": results,
+            "mps_running": mps_running_on(device), "results": results,
             "study_train_images": total, "best_models": best["models"],
             # a ceiling: every image at the best fused rate, no data loading, herding or evaluation
             "projected_study_train_s_at_best": total / best["images_per_s"]}

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..trainer import GraphedStep
-from .common import Setup, _device_info, _random_cifar, _sync, _warnings_into
+from .common import Setup, device_info, random_cifar, sync, warnings_into
 
 
 class BareStep:
@@ -24,11 +24,11 @@ class BareStep:
         self.device = device
 
     def __call__(self, steps: int) -> float:
-        _sync(self.device)
+        sync(self.device)
         t = time.perf_counter()
         for _ in range(steps):
             self.step(self.x, self.y)
-        _sync(self.device)
+        sync(self.device)
         return steps * len(self.y) / (time.perf_counter() - t)
 
 
@@ -40,10 +40,10 @@ class CilabTrainer:
         self.model, self.crit = setup.model(), setup.criterion()
 
     def __call__(self, epochs: int) -> float:
-        _sync(self.setup.device)
+        sync(self.setup.device)
         t = time.perf_counter()
         images = self.setup.train(self.model, self.loader, self.crit, None, 0, epochs)
-        _sync(self.setup.device)
+        sync(self.setup.device)
         return images / (time.perf_counter() - t)
 
 
@@ -68,7 +68,7 @@ class ReferencePipeline:
     def __init__(self, setup: Setup, n: int, workers: int):
         from torchvision import transforms
 
-        x, y = _random_cifar(n, 10)
+        x, y = random_cifar(n, 10)
         tf = transforms.Compose([
             transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
             transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
@@ -82,7 +82,7 @@ class ReferencePipeline:
         self.fmt = setup.memory_format
 
     def __call__(self, epochs: int) -> float:
-        _sync(self.device)
+        sync(self.device)
         t = time.perf_counter()
         images = 0
         for _ in range(epochs):
@@ -90,7 +90,7 @@ class ReferencePipeline:
                 xb = xb.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
                 self.step(xb, yb.to(self.device, non_blocking=True))
                 images += len(yb)
-        _sync(self.device)
+        sync(self.device)
         return images / (time.perf_counter() - t)
 
 
@@ -99,7 +99,7 @@ def throughput(args) -> dict:
     (another process, thermal state) from favouring whichever ran first."""
     setup = Setup(args.overrides)
     seen: list[str] = []
-    with setup.rt.applied(), _warnings_into(seen):  # train.deterministic, as a run would train
+    with setup.rt.applied(), warnings_into(seen):  # train.deterministic, as a run would train
         out = _throughput(args, setup)
     return {**out, "warnings": seen}
 
@@ -123,7 +123,7 @@ def _throughput(args, setup: Setup) -> dict:
         rounds["c"].append(c(epochs))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
-        "benchmark": "throughput", **_device_info(device), **setup.settings(), "batch_size": cfg.train.batch_size,
+        "benchmark": "throughput", **device_info(device), **setup.settings(), "batch_size": cfg.train.batch_size,
         "images_per_epoch": args.images + args.exemplars, "epochs_per_round": epochs, "rounds": args.rounds,
         "workers": args.workers, "load_average_1min": os.getloadavg()[0],
         "a_bare_step_img_s": med["a"], "b_cilab_trainer_img_s": med["b"], "c_reference_dataloader_img_s": med["c"],

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..losses import Criterion
-from .common import Setup, _device_info, _mps_running, _parse_jobs, _sync
+from .common import Setup, device_info, mps_running_on, parse_jobs, spawn_together, sync
 
 
 def study_images(groups: dict | None = None, seeds: list[int] | None = (0, 1, 2), overrides: list[str] = (),
@@ -61,11 +61,11 @@ def _short_run(conn, barrier, seed: int, overrides: list[str], images: int, epoc
             train = lambda n: setup.train(model, loader, crit, old, 1, n)  # noqa: E731
             if warmup_epochs:
                 train(warmup_epochs)  # CUDA context, allocator, cuDNN, graph capture: not timed
-            _sync(device)
+            sync(device)
             barrier.wait(timeout=600)
             start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine (Linux)
             n = train(epochs)
-            _sync(device)
+            sync(device)
             end = time.monotonic()
         conn.send({"images": n, "start": start, "end": end, "threads": threads, "device": str(device)})
     except BaseException as e:  # noqa: BLE001 - reported in the JSON, the next N goes on
@@ -73,59 +73,20 @@ def _short_run(conn, barrier, seed: int, overrides: list[str], images: int, epoc
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
-def _together(n: int, target, args: tuple, threads: int | None = None) -> dict:
-    """``target(conn, barrier, i, *args, threads)`` in n spawned processes on the one device, which
-    start their timed part together at the barrier and send back {images, start, end, ...} or
-    {error}; their numbers and the aggregate: all images / (last end - first start)."""
-    import multiprocessing
-
-    from ..executors import cpu_count
-
-    ctx = multiprocessing.get_context("spawn")  # like reproduce --jobs: fresh processes, no inherited CUDA state
-    threads = threads or max(1, cpu_count() // n)  # reproduce --jobs N's default
-    barrier = ctx.Barrier(n)
-    procs, pipes = [], []
-    for i in range(n):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=target, args=(send, barrier, i, *args, threads), daemon=True)  # never outlives the benchmark
-        p.start()
-        send.close()
-        procs.append(p)
-        pipes.append(recv)
-    runs = []
-    for p, recv in zip(procs, pipes):
-        try:
-            runs.append(recv.recv())
-        except EOFError:
-            runs.append({"error": "the process died without a word (out of memory?)"})
-        p.join()
-    out = {"threads_per_run": threads, "runs": runs}
-    errors = [r["error"] for r in runs if "error" in r]
-    if errors:
-        return {**out, "error": "; ".join(dict.fromkeys(errors))}
-    for r in runs:
-        r["seconds"] = r["end"] - r["start"]
-        r["images_per_s"] = r["images"] / r["seconds"]
-    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    total = sum(r["images"] for r in runs)
-    return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}
-
-
 def concurrent_runs(n: int, overrides: list[str], images: int, epochs: int, warmup_epochs: int,
                     threads: int | None = None) -> dict:
     """N short runs at once, each its own process on the same device; their numbers and the aggregate."""
-    return {"jobs": n, **_together(n, _short_run, (overrides, images, epochs, warmup_epochs), threads)}
+    return {"jobs": n, **spawn_together(n, _short_run, (overrides, images, epochs, warmup_epochs), threads)}
 
 
 def concurrency(args) -> dict:
     """Aggregate img/s of N simultaneous runs for each N, and the study's projected wall time."""
-    from ..reproduce import _parse_seeds
-    from ..studyplan import load_groups
+    from ..studyplan import load_groups, parse_seeds
 
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
-    jobs = _parse_jobs(args.jobs, setup.device)
+    jobs = parse_jobs(args.jobs, setup.device)
     epochs = args.epochs or (10 if setup.device.type == "cuda" else 1)
-    seeds = _parse_seeds(args.study_seeds)
+    seeds = parse_seeds(args.study_seeds)
     study = study_images(load_groups(args.groups_file), seeds, classes=args.classes, per_class=args.per_class)
     results = [concurrent_runs(n, args.overrides, args.images, epochs, args.warmup_epochs, args.threads) for n in jobs]
     ok = [r for r in results if "error" not in r]
@@ -133,10 +94,10 @@ def concurrency(args) -> dict:
     for r in ok:
         r["speedup_over_one_run"] = r["aggregate_images_per_s"] / base["aggregate_images_per_s"] if base else None
     out = {
-        "benchmark": "concurrency", **_device_info(setup.device), **setup.settings(),
+        "benchmark": "concurrency", **device_info(setup.device), **setup.settings(),
         "batch_size": setup.cfg.train.batch_size,
         "images_per_run": args.images, "epochs": epochs, "warmup_epochs": args.warmup_epochs,
-        "mps_running": _mps_running(setup.device), "load_average_1min": os.getloadavg()[0],
+        "mps_running": mps_running_on(setup.device), "load_average_1min": os.getloadavg()[0],
         "results": results,
     }
     total = sum(r["images"] for r in study)

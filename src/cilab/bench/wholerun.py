@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..config import build_config
-from .common import _device_info, _warnings_into
+from .common import device_info, warnings_into
 
 
 def protocol(args) -> dict:
@@ -43,12 +43,12 @@ def protocol(args) -> dict:
         cfg = build_config("icarl", overrides + data)
         seen: list[str] = []
         t = time.perf_counter()
-        with _warnings_into(seen):
+        with warnings_into(seen):
             m = experiment.run(cfg, Path(tmp) / "run", progress=not args.quiet)
         wall = time.perf_counter() - t
     tm = m["timing"]
     return {
-        "benchmark": "protocol", **_device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
+        "benchmark": "protocol", **device_info(torch.device(m["device"])), "data": source, "amp": m["amp"],
         "channels_last": m["channels_last"], "cuda_graphs": m["cuda_graphs"], "deterministic": m["deterministic"],
         "cudnn_benchmark": m["cudnn_benchmark"], "compile": cfg.train.compile,
         "tasks": args.tasks, "epochs": args.epochs, "overrides": overrides, "wall_s": wall,
