@@ -12,9 +12,9 @@ import torch
 
 from ..config import ConfigError, build_config
 from ..data.loader import BatchLoader, Normalizer
-from ..runtime import Runtime
 from ..losses import Criterion
 from ..models import create_model
+from ..runtime import Runtime
 from ..trainer import build_step, train_task
 
 
