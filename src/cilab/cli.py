@@ -106,7 +106,8 @@ DEMO_METHODS = {"finetune": [], "joint": [], "lwf": [], "icarl": ["memory.size=1
 def add_demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="fine-tuning, joint, LwF and iCaRL on the bundled digits",
-        description="Run fine-tuning, joint, LwF and iCaRL (the study's figure 1) on scikit-learn's digits (8x8 upsampled to 32x32; 5 tasks of 2 "
+        description="Run fine-tuning, joint, LwF and iCaRL (the study's figure 1) on scikit-learn's digits "
+        "(8x8 upsampled to 32x32; 5 tasks of 2 "
         f"classes) with {' '.join(DEMO_OVERRIDES)}, print the accuracy table and draw demo.png.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run folders (default runs/demo)")

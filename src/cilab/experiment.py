@@ -41,8 +41,8 @@ from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
 from .results import RunFolderError  # noqa: F401 - the CLI's user errors name it here
-from .tracking import Trackers
 from .runtime import Runtime
+from .tracking import Trackers
 from .trainer import train_task
 
 
