@@ -74,6 +74,8 @@ def source_config(source: Path) -> Config:
 def _check_complete(source: Path) -> None:
     if not source.exists():
         raise RunFolderError(f"cannot evaluate from {source}: it does not exist")
+    if source.is_dir() and not any(source.iterdir()):
+        raise RunFolderError(f"cannot evaluate from {source}: it is empty; give a complete run's folder")
     if not results.is_complete(source):
         raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}, not a complete "
                              "run; finish it first with `cilab run ... --resume` (or `cilab reproduce`, which "
