@@ -35,8 +35,6 @@ def panels(rows: int) -> list[tuple[np.ndarray, float, int]]:
 
 
 def main(argv=None) -> dict:
-    from sklearn.manifold import TSNE
-
     from cilab import embedding
     from cilab.executors import cpu_count
 
@@ -47,8 +45,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     inputs, cores = panels(args.rows), cpu_count()
     ways = {
-        "threads": lambda: [TSNE(n_components=2, perplexity=p, init="pca", learning_rate="auto",
-                                 random_state=s).fit_transform(f) for f, p, s in inputs],
+        "threads": lambda: [embedding.tsne(p, s).fit_transform(f) for f, p, s in inputs],  # scikit-learn's threads
         "one_thread": lambda: embedding.embed_all(inputs, workers=1),
         "pool": lambda: embedding.embed_all(inputs, workers=cores),
     }

@@ -20,14 +20,19 @@ import numpy as np
 POOL_MIN_POINTS = 5_000
 
 
-def embed(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-    """The 2-D t-SNE embedding of ``features`` (PCA initialisation, automatic learning rate), one thread."""
+def tsne(perplexity: float, seed: int):
+    """The reports' t-SNE: 2-D, PCA initialisation, automatic learning rate."""
     from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+
+
+def embed(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    """The 2-D t-SNE embedding of ``features`` (:func:`tsne`), one thread."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                    random_state=seed).fit_transform(features)
+        return tsne(perplexity, seed).fit_transform(features)
 
 
 def embed_all(inputs: list[tuple[np.ndarray, float, int]], workers: int) -> list[np.ndarray]:

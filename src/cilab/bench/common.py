@@ -155,13 +155,18 @@ def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> d
         except EOFError:
             runs.append({"error": "the process died without a word (out of memory?)"})
         p.join()
-    out = {"threads_per_run": threads, "runs": runs}
+    return {"threads_per_run": threads, **aggregate(runs)}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Runs timed together ({images, start, end} on one clock, or {error}) -> each run's seconds and
+    images/s, and all images / (last end - first start); {runs, error} if any failed."""
     errors = [r["error"] for r in runs if "error" in r]
     if errors:
-        return {**out, "error": "; ".join(dict.fromkeys(errors))}
+        return {"runs": runs, "error": "; ".join(dict.fromkeys(errors))}
     for r in runs:
         r["seconds"] = r["end"] - r["start"]
         r["images_per_s"] = r["images"] / r["seconds"]
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     total = sum(r["images"] for r in runs)
-    return {**out, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}
+    return {"runs": runs, "wall_s": wall, "images": total, "aggregate_images_per_s": total / wall}

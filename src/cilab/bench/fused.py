@@ -15,7 +15,8 @@ import torch
 
 from ..losses import Criterion
 from ..trainer import GraphedStep, build_step
-from .common import Setup, device_info, mps_running_on, parse_jobs, spawn_together, sync, warnings_into
+from .common import (Setup, aggregate, device_info, mps_running_on, parse_jobs, spawn_together, sync,
+                     warnings_into)
 from .sharing import study_images
 
 GROUPED_BLOCKS = {"resnet20": 3, "resnet32": 5}  # blocks per stage of the CIFAR ResNets that fuse
@@ -91,23 +92,22 @@ def batched(args) -> dict:
     steps = args.steps or (200 if device.type == "cuda" else 2)
     results = []
     for n in models:
-        if args.processes == 1:
+        if args.processes == 1:  # here, timed as one of spawn_together's processes would be
             seen: list[str] = []
             with setup.rt.applied(), warnings_into(seen):
-                r = _fused_steps(setup, n, steps)
-            r["warnings"] = seen
-            seconds = r.pop("end") - r.pop("start")
-            results.append({"models": n, "steps": steps, **r, "seconds": seconds, "images_per_s": r["images"] / seconds})
-            continue
-        together = spawn_together(args.processes, _fused_process, (args.overrides, n, steps))
+                run = _fused_steps(setup, n, steps)
+            together = {"threads_per_run": torch.get_num_threads(), **aggregate([{**run, "warnings": seen}])}
+        else:
+            together = spawn_together(args.processes, _fused_process, (args.overrides, n, steps))
         if "error" in together:
             results.append({"models": n, **together})
             continue
-        results.append({"models": n, "steps": steps, "runs": together["runs"],
-                        "threads_per_run": together["threads_per_run"], "images": together["images"],
-                        "seconds": together["wall_s"], "images_per_s": together["aggregate_images_per_s"],
-                        "graphed": all(run["graphed"] for run in together["runs"]),
-                        "warnings": list(dict.fromkeys(w for run in together["runs"] for w in run["warnings"]))})
+        runs = together["runs"]
+        results.append({"models": n, "steps": steps, "runs": runs, "threads_per_run": together["threads_per_run"],
+                        "images": together["images"], "seconds": together["wall_s"],
+                        "images_per_s": together["aggregate_images_per_s"],
+                        "graphed": all(r["graphed"] for r in runs),
+                        "warnings": list(dict.fromkeys(w for r in runs for w in r["warnings"]))})
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise RuntimeError("bench batched: every N failed: " + "; ".join(r["error"] for r in results))
