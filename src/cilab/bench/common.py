@@ -155,10 +155,10 @@ def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> d
         except EOFError:
             runs.append({"error": "the process died without a word (out of memory?)"})
         p.join()
-    return {"threads_per_run": threads, **aggregate(runs)}
+    return {"threads_per_run": threads, **combine_runs(runs)}
 
 
-def aggregate(runs: list[dict]) -> dict:
+def combine_runs(runs: list[dict]) -> dict:
     """Runs timed together ({images, start, end} on one clock, or {error}) -> each run's seconds and
     images/s, and all images / (last end - first start); {runs, error} if any failed."""
     errors = [r["error"] for r in runs if "error" in r]

@@ -15,7 +15,7 @@ import torch
 
 from ..losses import Criterion
 from ..trainer import GraphedStep, build_step
-from .common import (Setup, aggregate, device_info, mps_running_on, parse_jobs, spawn_together, sync,
+from .common import (Setup, combine_runs, device_info, mps_running_on, parse_jobs, spawn_together, sync,
                      warnings_into)
 from .sharing import study_images
 
@@ -96,7 +96,7 @@ def batched(args) -> dict:
             seen: list[str] = []
             with setup.rt.applied(), warnings_into(seen):
                 run = _fused_steps(setup, n, steps)
-            together = {"threads_per_run": torch.get_num_threads(), **aggregate([{**run, "warnings": seen}])}
+            together = {"threads_per_run": torch.get_num_threads(), **combine_runs([{**run, "warnings": seen}])}
         else:
             together = spawn_together(args.processes, _fused_process, (args.overrides, n, steps))
         if "error" in together:
