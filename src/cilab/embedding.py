@@ -31,8 +31,11 @@ def embed(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
     """The 2-D t-SNE embedding of ``features`` (:func:`tsne`), one thread."""
     from threadpoolctl import threadpool_limits
 
+    # Built before the limit: threadpoolctl limits only the thread pools already loaded, and in a
+    # fresh pool worker scikit-learn's OpenMP runtime loads with its import.
+    model = tsne(perplexity, seed)
     with threadpool_limits(1):
-        return tsne(perplexity, seed).fit_transform(features)
+        return model.fit_transform(features)
 
 
 def embed_all(inputs: list[tuple[np.ndarray, float, int]], workers: int) -> list[np.ndarray]:
