@@ -156,8 +156,22 @@ def test_an_unknown_option_says_where_the_options_are(tmp_path, capsys):
         cli.main(["run", "icarl", "--out", str(tmp_path / "r"), "--ovewrite"])
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == ("cilab: error: unrecognized arguments: --ovewrite (`cilab run --help` lists the options; "
+    assert last == ("cilab run: error: unrecognized arguments: --ovewrite (`cilab run --help` lists the options; "
                     "config overrides are key=value)")
+
+
+@pytest.mark.parametrize("argv,command", [
+    (["run", "icarl", "--out", "r", "--ovewrite"], "cilab run"),
+    (["report", "x", "--out", "r", "--bogus"], "cilab report"),
+    (["bench", "protocol", "--out", "b.json", "--bogus"], "cilab bench protocol"),
+])
+def test_an_unknown_option_shows_the_usage_of_its_command(argv, command, capsys):
+    """Not `cilab [-h] COMMAND ...`: the usage a user needs is the one of the command they typed."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith(f"usage: {command} [-h]")
+    assert lines[-1].startswith(f"{command}: error: unrecognized arguments: --")
 
 
 def test_a_preset_files_mistakes_name_the_file(tmp_path):

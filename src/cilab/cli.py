@@ -161,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` came from (``cilab bench protocol``'s, not ``cilab``'s): its
+    usage line is the one that helps."""
+    while True:
+        chosen = [a.choices[getattr(args, a.dest)] for a in parser._actions
+                  if isinstance(a, argparse._SubParsersAction) and getattr(args, a.dest, None) in a.choices]
+        if not chosen:
+            return parser
+        parser = chosen[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options (argparse stops a
@@ -168,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
-        command = " ".join(str(getattr(args, k)) for k in ("command", "bench") if getattr(args, k, None))
-        parser.error(f"unrecognized arguments: {' '.join(stray)} (`cilab {command} --help` lists the options"
-                     + ("; config overrides are key=value)" if hasattr(args, "overrides") else ")"))
+        command = _command_parser(parser, args)
+        command.error(f"unrecognized arguments: {' '.join(stray)} (`{command.prog} --help` lists the options"
+                      + ("; config overrides are key=value)" if hasattr(args, "overrides") else ")"))
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
