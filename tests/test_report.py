@@ -229,6 +229,22 @@ def test_grouping_ignores_seed_and_override_spelling(tmp_path):
     assert "train.epochs=2" in md  # common overrides shown once
 
 
+def test_grouping_reads_overrides_as_the_config_does(tmp_path):
+    """The config reads `eval.classifiers=knn` as [knn] and `train.epochs=2.0` as 2: spelt either way,
+    a run is the same variant, not a row of its own."""
+    spellings = [["eval.classifiers=knn", "train.epochs=2"], ["eval.classifiers=[knn]", "train.epochs=2.0"]]
+    for seed, ov in enumerate(spellings):
+        write_run(tmp_path / f"icarl-s{seed}", fake_metrics("icarl", seed, ov, {"knn": [80.0, 60.0 + seed]}))
+    write_run(tmp_path / "icarl-other", fake_metrics("icarl", 0, ["eval.classifiers=[knn, nme]", "train.epochs=2"],
+                                                      {"knn": [1.0, 2.0]}))
+    # keys the config lacks (a run of a newer cilab, method_args) keep the plain comparison
+    write_run(tmp_path / "icarl-new", fake_metrics("icarl", 0, ["newer.key=1", "method_args.T=2"], {"knn": [1.0, 2.0]}))
+    write_run(tmp_path / "icarl-new2", fake_metrics("icarl", 1, ["newer.key=1.0", "method_args.T=2.0"], {"knn": [1.0, 2.0]}))
+    variants = group_runs([load_run(p) for p in find_run_folders([tmp_path])])
+    assert sorted(len(v.runs) for v in variants) == [1, 2, 2]
+    assert [v.label for v in variants if len(v.runs) == 2 and "knn" in v.label] == ["icarl eval.classifiers=knn train.epochs=2"]
+
+
 def test_a_seed_counts_once_in_its_variant(tmp_path, capsys):
     """After `cilab reproduce all`, iCaRL's runs are copied into five groups: a report over the
     whole output must average seeds 0 and 1 once each, not the copies as extra seeds."""

@@ -1,8 +1,9 @@
 """Run folders -> runs -> variants -> mean and spread over seeds: the numbers of a report.
 
 Runs are grouped into *variants*: same preset and same overrides, ``seed=...``
-aside (overrides are compared by key and parsed value, so ``train.lr=0.10``
-and ``train.lr=0.1`` are one variant, whatever their order). Only complete
+aside (overrides are compared by key and by value as the config reads it, so
+``train.lr=0.10`` and ``train.lr=0.1``, or ``eval.classifiers=knn`` and
+``eval.classifiers=[knn]``, are one variant, whatever their order). Only complete
 runs enter the aggregates; failed and incomplete ones are listed in report.md
 as such. A seed counts once in its variant: ``cilab reproduce all`` copies the
 runs that several groups share (iCaRL is in five), so a report over the whole
@@ -31,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from . import results
-from .config import ConfigError, parse_override
+from .config import Config, ConfigError, parse_override
 from .errors import ReportError
+from .schema import coerce_key
 
 SUMMARY_FIELDS = [
     "variant", "preset", "overrides", "classifier", "n_seeds", "seeds",
@@ -178,13 +180,20 @@ def _norm(value):
 
 
 def _canonical(overrides: list[str]) -> tuple:
-    """Overrides as sorted (key, normalised value) pairs, ``seed`` left out; a later override of a key wins."""
+    """Overrides as sorted (key, normalised value) pairs, ``seed`` left out; a later override of a key wins.
+    A value is read as the config reads it (``eval.classifiers=knn`` is ``[knn]``); a key the config
+    lacks (``method_args.*``, a newer cilab's) keeps its parsed value."""
     items: dict[str, object] = {}
     for text in overrides or []:
         try:
             key, value = parse_override(text)
         except ConfigError:
             key, value = text, None
+        else:
+            try:
+                value = coerce_key(Config, key, value)
+            except ConfigError:
+                pass
         if key != "seed":
             items[key] = _norm(value)
     return tuple(sorted(items.items(), key=lambda kv: kv[0]))

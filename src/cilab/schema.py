@@ -95,6 +95,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported annotation {hint} for {key}")
 
 
+def coerce_key(cls: type, key: str, value: Any) -> Any:
+    """``value`` as the dataclass ``cls`` holds its dotted ``key`` (``eval.classifiers``: ``knn`` ->
+    ``["knn"]``); ConfigError for a key ``cls`` lacks (or a whole section) and a value it refuses."""
+    hint: Any = cls
+    for part in key.split("."):
+        fields = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {}
+        if part not in fields:
+            raise _unknown_key(key, _all_keys(cls))
+        hint = fields[part]
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"'{key}' is a section, not a key")
+    return _coerce(key, value, hint)
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "", known: list[str] | None = None) -> Any:
     """``data`` (a nested mapping from YAML or overrides) -> an instance of the dataclass ``cls``.
 
