@@ -222,3 +222,20 @@ def test_a_dry_run_plans_a_study_it_may_not_write_and_the_real_run_is_refused(tm
     assert cli.main(argv) == 2
     assert "Read-only file system" in _error(capsys)
     assert list(study.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [["--confusion", "icarl-s9"], ["--tsne", "icarl-s9"], ["--exemplars", "icarl-s9"],
+                                    ["--exemplar-task", "0"]])
+def test_a_reports_misnamed_run_is_refused_before_the_previous_report_is_replaced(tmp_path, capsys, option):
+    from helpers import fake_metrics, write_run
+
+    runs = tmp_path / "runs"
+    write_run(runs / "icarl-s0", fake_metrics("icarl", 0, [], {"nme": [80.0, 60.0]}))
+    out = tmp_path / "report"
+    assert cli.main(["report", str(runs), "--out", str(out), "--no-tsne"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["report", str(runs), "--out", str(out), "--no-tsne", *option]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"cilab: error: {option[0]}") and option[1] in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the last report, whole

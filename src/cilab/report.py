@@ -156,7 +156,13 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
         runfolder.check_writable(out)  # a file on the way to it, permissions: before any run is read
     except RunFolderError as e:
         raise ReportError(str(e)) from None
+    if exemplar_task is not None and exemplar_task < 1:
+        raise ReportError(f"--exemplar-task {exemplar_task}: tasks count from 1; leave it out for the last")
     runs = [load_run(p) for p in find_run_folders(paths)]
+    # the runs named: a misspelt one is refused here, while the previous report is still whole
+    confusion_runs = _select(runs, confusion, "confusion") if confusion else None
+    tsne_runs = _select(runs, tsne, "tsne") if tsne else None
+    exemplar_run = _select(runs, [exemplars], "exemplars")[0] if exemplars else None
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():  # a previous report's files: none may outlive this one
         if old.is_file() and any(fnmatch.fnmatch(old.name, pat) for pat in REPORT_FILES):
@@ -179,7 +185,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
 
     if variants:
         attempt("accuracy curves", lambda: accuracy_figures(variants, out, title, ddof))
-        for r in _select(runs, confusion, "confusion") if confusion else done[:1]:
+        for r in confusion_runs or done[:1]:
             if not r.complete:
                 notes.append(f"confusion matrix of {r.name}: not drawn, the run is not complete")
                 continue
@@ -190,7 +196,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
         cache = FigureCache() if cache is None else cache
         datasets = cache.datasets
         if draw_tsne:
-            chosen = _select(runs, tsne, "tsne") if tsne else [v.runs[0] for v in variants]
+            chosen = tsne_runs or [v.runs[0] for v in variants]
             states = []
             for r in chosen:
                 if not r.complete:
@@ -215,8 +221,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
                                      "(light: training images, deep: exemplars)")
                 attempt("t-SNE", draw)
 
-        ex_run = (_select(runs, [exemplars], "exemplars")[0] if exemplars
-                  else next((r for r in done if r.has_memory), None))
+        ex_run = exemplar_run or next((r for r in done if r.has_memory), None)
         if ex_run is None:
             notes.append("exemplar grid: no complete run keeps exemplars")
         elif not ex_run.complete or not ex_run.has_memory:
