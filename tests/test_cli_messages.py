@@ -76,6 +76,31 @@ def test_benchmark_counts_that_make_no_sense_are_refused(capsys, argv, message):
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
+@pytest.mark.parametrize("bench", ["concurrency", "batched"])
+@pytest.mark.parametrize("option, message", [
+    (["--study-seeds", "x"], "--study-seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got 'x'"),
+    (["--groups-file", "{missing}"], "cannot read the groups file {missing}"),
+])
+def test_a_benchmarks_study_options_are_checked_before_it_times_anything(tmp_path, capsys, monkeypatch, bench,
+                                                                         option, message):
+    """batched read them after its timing (minutes on a GPU), then failed with no JSON."""
+    from cilab.bench import fused, sharing
+
+    monkeypatch.setattr(fused, "_fused_steps", lambda *a, **k: pytest.fail("timed before checking"))
+    monkeypatch.setattr(sharing, "concurrent_runs", lambda *a, **k: pytest.fail("timed before checking"))
+    missing = str(tmp_path / "nope.yaml")
+    option = [o.format(missing=missing) for o in option]
+    assert cli.main(["bench", bench, "--out", str(tmp_path / "b.json"), *option]) == 2
+    assert _error(capsys).startswith("cilab: error: " + message.format(missing=missing))
+
+
+def test_a_groups_file_that_is_not_text_is_refused_in_one_line(tmp_path, capsys):
+    gfile = tmp_path / "groups.yaml"
+    gfile.write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(["reproduce", "all", "--out", str(tmp_path / "o"), "--groups-file", str(gfile), "--dry-run"]) == 2
+    assert _error(capsys).startswith(f"cilab: error: cannot read the groups file {gfile}: ")
+
+
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_reproduce_into_a_file_is_refused_before_any_work(tmp_path, capsys, npz, dry_run):
     file = tmp_path / "notes.txt"

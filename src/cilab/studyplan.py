@@ -35,7 +35,7 @@ def load_groups(path: str | Path | None = None) -> dict[str, dict]:
     else:
         try:
             text, where = Path(path).read_text(), str(path)
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read the groups file {path}: {e}") from None
     try:
         groups = yaml.safe_load(text) or {}
@@ -276,7 +276,7 @@ def check_out(out: Path) -> None:
                           "choose another --out")
 
 
-def parse_seeds(text: str | None) -> list[int] | None:
+def parse_seeds(text: str | None, option: str = "--seeds") -> list[int] | None:
     if text is None:
         return None
     try:
@@ -284,9 +284,9 @@ def parse_seeds(text: str | None) -> list[int] | None:
     except ValueError:
         seeds = []
     if not seeds or any(s < 0 for s in seeds):
-        raise ConfigError(f"--seeds must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
+        raise ConfigError(f"{option} must be comma-separated integers >= 0 (e.g. 0,1,2), got '{text}'")
     if repeated(seeds) is not None:
-        raise ConfigError(f"--seeds lists {repeated(seeds)} twice; give each seed once (e.g. 0,1)")
+        raise ConfigError(f"{option} lists {repeated(seeds)} twice; give each seed once (e.g. 0,1)")
     return seeds
 
 

@@ -85,6 +85,9 @@ def batched(args) -> dict:
 
     setup = Setup(args.overrides)
     cfg, device = setup.cfg, setup.device
+    # the study's size, read before the timing so a bad option costs nothing
+    study = study_images(load_groups(args.groups_file), parse_seeds(args.study_seeds, "--study-seeds"),
+                         classes=args.classes, per_class=args.per_class)
     if cfg.model.name not in GROUPED_BLOCKS:
         raise ConfigError(f"bench batched fuses cilab's CIFAR ResNets ({', '.join(GROUPED_BLOCKS)}), "
                           f"not model.name={cfg.model.name}")
@@ -115,8 +118,7 @@ def batched(args) -> dict:
     for r in ok:
         r["speedup_over_one_model"] = r["images_per_s"] / base["images_per_s"] if base else None
     best = max(ok, key=lambda r: r["images_per_s"])
-    total = sum(r["images"] for r in study_images(load_groups(args.groups_file), parse_seeds(args.study_seeds),
-                                                  classes=args.classes, per_class=args.per_class))
+    total = sum(r["images"] for r in study)
     return {"benchmark": "batched", **device_info(device), **setup.settings(),
             "batch_size_per_model": cfg.train.batch_size, "processes": args.processes,
             "mps_running": mps_running_on(device), "results": results,

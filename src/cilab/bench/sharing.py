@@ -86,7 +86,7 @@ def concurrency(args) -> dict:
     setup = Setup(args.overrides)  # refuses a bad override or an impossible device before any process starts
     jobs = parse_jobs(args.jobs, setup.device)
     epochs = args.epochs or (10 if setup.device.type == "cuda" else 1)
-    seeds = parse_seeds(args.study_seeds)
+    seeds = parse_seeds(args.study_seeds, "--study-seeds")
     study = study_images(load_groups(args.groups_file), seeds, classes=args.classes, per_class=args.per_class)
     results = [concurrent_runs(n, args.overrides, args.images, epochs, args.warmup_epochs, args.threads) for n in jobs]
     ok = [r for r in results if "error" not in r]
