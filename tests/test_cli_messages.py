@@ -102,12 +102,18 @@ def test_a_groups_file_that_is_not_text_is_refused_in_one_line(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-def test_reproduce_into_a_file_is_refused_before_any_work(tmp_path, capsys, npz, dry_run):
+@pytest.mark.parametrize("under", [False, True])
+def test_reproduce_into_a_file_is_refused_before_any_work(tmp_path, capsys, npz, dry_run, under, monkeypatch):
+    import cilab.data
+
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    argv = ["reproduce", "classifiers", "--out", str(file), "--seeds", "0", *npz_overrides(npz, tasks=2)]
+    out = file / "study" if under else file
+    monkeypatch.setattr(cilab.data, "load_dataset", lambda *a: pytest.fail("the data was loaded first"))
+    argv = ["reproduce", "classifiers", "--out", str(out), "--seeds", "0", *npz_overrides(npz, tasks=2)]
     assert cli.main(argv + (["--dry-run"] if dry_run else [])) == 2
-    assert _error(capsys) == f"cilab: error: --out {file} is a file, not a folder; choose another --out"
+    assert _error(capsys) == (f"cilab: error: cannot create {out}: {file} is a file, not a folder; choose another --out"
+                              if under else f"cilab: error: --out {file} is a file, not a folder; choose another --out")
     assert file.read_text() == "mine"
 
 

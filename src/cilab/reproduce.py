@@ -40,7 +40,7 @@ from .config import ConfigError
 from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
 from .reevaluate import evaluate_run
 from .runspec import RunResult, RunSpec
-from .studyplan import (GROUPS_FILE, describe_groups, group_names, load_groups, longest_first, parse_seeds,
+from .studyplan import (GROUPS_FILE, check_out, describe_groups, group_names, load_groups, longest_first, parse_seeds,
                         plan_study)
 
 EXIT_FAILED = 1
@@ -210,8 +210,9 @@ def reproduce(group: str | list[str], out: str | Path, overrides: list[str] | No
     groups = load_groups() if groups is None else groups
     names = group_names(group, groups) if isinstance(group, str) else list(dict.fromkeys(group))
     runner = make_executor(executor, **executor_options)  # a bad option or a missing Ray stops us before the plan
+    check_out(Path(out))  # by looking; then by trying: permissions, a read-only mount. Before the data loads.
+    runfolder.check_writable(Path(out))
     specs = plan_study(names, out, overrides, groups=groups, seeds=seeds, overwrite=overwrite)
-    runfolder.check_writable(Path(out))  # permissions, a read-only mount: before any run starts
     todo = [s for s in specs if s.action not in ("skip", "copy")]  # what the executor will run
     advice = getattr(runner, "notes", None)  # optional in the executor contract
     for line in [*dropped_notes(specs), *(advice(todo) if advice and todo else [])]:
