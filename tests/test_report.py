@@ -281,3 +281,20 @@ def test_report_refuses_a_folder_without_runs_and_writing_into_a_run(tmp_path, c
     assert "is a run folder" in capsys.readouterr().err
 
 
+
+
+def test_a_run_folder_with_only_its_marker_is_listed_not_fatal(tmp_path):
+    """A run that died before its config.yaml, or a copy cut short (marker and checkpoints first):
+    reproduce hands its folder to the group's report, which then failed whole ('neither a run folder
+    nor holds any'). It is a run that has not finished."""
+    from cilab import runfolder
+
+    write_run(tmp_path / "icarl-s0", fake_metrics("icarl", 0, [], {"nme": [80.0, 60.0]}))
+    half = tmp_path / "icarl-s1"
+    half.mkdir()
+    runfolder.write_marker(half)
+    (half / "checkpoints").mkdir()
+    assert find_run_folders([tmp_path]) == [tmp_path / "icarl-s0", half]
+    rep = make_report([tmp_path / "icarl-s0", half], tmp_path / "report", draw_tsne=False, log=lambda s: None)
+    assert [r.name for r in rep.excluded] == ["icarl-s1"] and rep.rows[0]["n_seeds"] == 1
+    assert "icarl-s1" in (tmp_path / "report" / "report.md").read_text()

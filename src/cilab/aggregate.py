@@ -34,6 +34,7 @@ import numpy as np
 from . import results
 from .config import Config, ConfigError, parse_override
 from .errors import ReportError
+from .runfolder import MARKER
 from .schema import coerce_key
 
 SUMMARY_FIELDS = [
@@ -43,6 +44,7 @@ SUMMARY_FIELDS = [
 ]
 CURVE_FIELDS = ["variant", "classifier", "task", "classes_seen", "n_seeds", "accuracy_mean", "accuracy_std",
                 "current_task_accuracy_mean", "current_task_accuracy_std", "std_ddof"]
+RUN_FILES = (results.METRICS, results.CONFIG, MARKER)  # any of them makes a folder a run folder
 STD_DDOF = 1  # default: sample standard deviation over seeds (see module doc); the study: 0
 
 
@@ -74,7 +76,9 @@ class Run:
 
 
 def holds_run_files(p: Path) -> bool:
-    return (p / results.METRICS).exists() or (p / results.CONFIG).exists()
+    """A run folder, finished or not: the marker alone is one that died before its config.yaml
+    was written, or a copy cut short."""
+    return any((p / name).exists() for name in RUN_FILES)
 
 
 def find_run_folders(paths: list[str | Path]) -> list[Path]:
@@ -86,7 +90,7 @@ def find_run_folders(paths: list[str | Path]) -> list[Path]:
         if holds_run_files(p):
             found.append(p)
             continue
-        inner = sorted({q.parent for pat in (results.METRICS, results.CONFIG) for q in p.rglob(pat)})
+        inner = sorted({q.parent for pat in RUN_FILES for q in p.rglob(pat)})
         if not inner:
             raise ReportError(f"{p} is neither a run folder nor holds any (no {results.METRICS} or {results.CONFIG})")
         found += inner
