@@ -66,7 +66,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     runfolder.check(out, cfg, resume, overwrite)
     if resume and results.is_complete(out):  # the same config (checked): nothing to train, load or write
         m = results.read_metrics(out)
-        log(f"{out} is complete ({m['completed_tasks']} of {m['num_tasks']} tasks): nothing to resume")
+        log(f"{out} is complete ({m.get('num_tasks', '?')} tasks): nothing to resume")
         return m
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = load_run_data(cfg.data)  # refuses missing / broken data before any work
