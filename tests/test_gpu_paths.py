@@ -390,6 +390,35 @@ def test_batched_benchmark_in_several_processes_adds_up(tmp_path):
     assert d["projected_study_train_s_at_best"] == pytest.approx(3_150_000 / max(one, two))
 
 
+def _dies_or_waits(conn, barrier, i: int, threads: int) -> None:
+    """A spawn_together target: process 1 dies at once without a word (as one killed for memory), the
+    others wait for it at the barrier."""
+    import os
+    import threading
+
+    if i == 1:
+        os._exit(9)
+    try:
+        barrier.wait(timeout=90)
+        conn.send({"images": 1, "start": 0.0, "end": 1.0})
+    except threading.BrokenBarrierError:
+        conn.send({"error": "the barrier was broken"})
+
+
+def test_a_process_that_dies_silently_does_not_keep_the_others_waiting():
+    """They waited at the barrier for its timeout (600 s), past gpu.sh's step timeout, whose JSON was then lost."""
+    import time
+
+    from cilab.bench.common import spawn_together
+
+    start = time.monotonic()
+    got = spawn_together(3, _dies_or_waits, (), threads=1)
+    assert time.monotonic() - start < 45  # the spawns take seconds; waiting out the barrier 90
+    assert [r.get("error") for r in got["runs"]] == [
+        "the barrier was broken", "the process died without a word (exit code 9; out of memory?)",
+        "the barrier was broken"]
+
+
 def test_throughput_benchmark_runs_on_the_cpu_and_records_what_it_trained_under(tmp_path):
     """a, b and c for two rounds on the CPU; the medians are those of the rounds, and the JSON
     records torch's cuDNN autotuning flag during the benchmark, as metrics.json does: with

@@ -148,12 +148,24 @@ def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> d
         send.close()
         procs.append(p)
         pipes.append(recv)
-    runs = []
-    for p, recv in zip(procs, pipes):
-        try:
-            runs.append(recv.recv())
-        except EOFError:
-            runs.append({"error": "the process died without a word (out of memory?)"})
+    from multiprocessing.connection import wait
+
+    # Each result as it comes: a process that dies without a word (killed for memory, a crash in
+    # CUDA) breaks the barrier at once, or the others would wait for it until the barrier's timeout.
+    runs: list[dict | None] = [None] * n
+    while None in runs:
+        waiting = [i for i in range(n) if runs[i] is None]
+        ready = wait([pipes[i] for i in waiting] + [procs[i].sentinel for i in waiting])
+        for i in waiting:
+            if pipes[i] in ready or procs[i].sentinel in ready:
+                try:
+                    runs[i] = pipes[i].recv()
+                except EOFError:
+                    procs[i].join()
+                    runs[i] = {"error": f"the process died without a word (exit code {procs[i].exitcode}; "
+                                        "out of memory?)"}
+                    barrier.abort()
+    for p in procs:
         p.join()
     return {"threads_per_run": threads, **combine_runs(runs)}
 
