@@ -102,6 +102,11 @@ for mod in ["torch", "torchvision", "numpy", "yaml", "tqdm", "sklearn", "matplot
     except Exception as e:  # noqa: BLE001
         missing.append(f"{mod}: {type(e).__name__}: {e}")
 info["missing_modules"] = missing
+# what torch.compile's Inductor needs to build its kernels on this machine: a C compiler, Triton, Python.h
+import importlib.util, sysconfig
+info["compile_toolchain"] = {"cc": shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc"),
+                             "triton": importlib.util.find_spec("triton") is not None,
+                             "python_h": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))}
 try:
     import torch
     info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
