@@ -41,7 +41,8 @@
 #                       thread each in a pool of a process a core (the machine's CPU, no GPU)
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
-# JSON per benchmark and per throughput or protocol variant, and logs.tgz (each step's
+# JSON per benchmark and per throughput or protocol variant (concurrency's and batched's written
+# after each N, "partial": true until they end), and logs.tgz (each step's
 # output and pytest's junit xml). A lent machine sends back at most 8 files:
 # the default steps write 4. The last lines printed sum it up. The timeouts
 # are caps: on an H100 the suite ran past 319 s (12 workers) and 10 x 30 epochs
@@ -275,7 +276,9 @@ for f in sorted(out.glob("concurrency*.json")):
         speedup = r.get("speedup_over_one_run")
         print(f"{f.stem} N={r['jobs']}: " + (r["error"] if "error" in r else
               f"{r['aggregate_images_per_s']:.0f} img/s" + (f", x{speedup:.2f} over N=1" if speedup else "")))
-    st = c["study"]
+    st = c.get("study", {})  # none in a JSON cut off at the step's timeout ("partial")
+    if c.get("partial"):
+        print(f"{f.stem}: PARTIAL, the step was cut off after these N")
     if "projected_wall_s" in st:
         one = st["projected_wall_s_one_at_a_time"]
         print(f"{f.stem}: study {st['runs']} runs, {st['train_images'] / 1e6:.0f}M images, projected "
@@ -288,12 +291,18 @@ for f in sorted(out.glob("protocol*.json")):
           f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%" + (f"; WARNINGS {p['warnings']}" if p.get("warnings") else ""))
 for f in sorted(out.glob("batched*.json")):
     b = json.load(open(f))
-    where = f"{b['processes']} processes, MPS {'on' if b['mps_running'] else 'off'}" if b["processes"] > 1 else "1 process"
+    where = f"{b['processes']} processes, MPS {'on' if b.get('mps_running') else 'off or unknown'}" \
+        if b["processes"] > 1 else "1 process"
     for r in b["results"]:
         print(f"{f.stem} N={r['models']} ({where}): " + (r["error"] if "error" in r else
-              f"{r['images_per_s']:.0f} img/s, x{r['speedup_over_one_model'] or 0:.2f} over N=1"
+              f"{r['images_per_s']:.0f} img/s" + (f", x{r['speedup_over_one_model']:.2f} over N=1"
+                                                  if r.get("speedup_over_one_model") else "")
               + (f"; WARNINGS {r['warnings']}" if r.get("warnings") else "")))
-    print(f"{f.stem}: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min (a ceiling)")
+    if b.get("partial"):
+        print(f"{f.stem}: PARTIAL, the step was cut off after these N")
+    else:
+        print(f"{f.stem}: study training at N={b['best_models']}: {b['projected_study_train_s_at_best'] / 60:.1f} min"
+              " (a ceiling)")
 if (out / "study.json").exists():
     st = json.load(open(out / "study.json"))
     runs = [r for r in st["runs"] if not r["copy_of"] and not r["evaluated_from"]]  # their timings are a trained run's

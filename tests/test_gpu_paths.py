@@ -390,6 +390,34 @@ def test_batched_benchmark_in_several_processes_adds_up(tmp_path):
     assert d["projected_study_train_s_at_best"] == pytest.approx(3_150_000 / max(one, two))
 
 
+@pytest.mark.parametrize("bench", ["batched", "concurrency"])
+def test_a_benchmark_cut_off_at_its_timeout_keeps_the_ns_it_finished(tmp_path, monkeypatch, bench):
+    """gpu.sh kills a step at its timeout: the JSON, written at the end, was lost with every N already
+    timed. It is written after each N, marked partial until the benchmark ends."""
+    from cilab import cli
+    from cilab.bench import fused, sharing
+
+    out = tmp_path / "b.json"
+    seen = []
+
+    def fake(*a, **k):  # each N: what --out holds when it starts
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        return {"images": 8, "start": 0.0, "end": 1.0, "graphed": False}
+
+    if bench == "batched":
+        monkeypatch.setattr(fused, "_fused_steps", lambda *a, **k: fake())
+        argv = ["batched", "--models", "1,2,4", "train.device=cpu"]
+    else:
+        monkeypatch.setattr(sharing, "concurrent_runs", lambda n, *a: fake() and {
+            "jobs": n, "runs": [], "wall_s": 1.0, "images": 8 * n, "aggregate_images_per_s": 8.0 * n})
+        argv = ["concurrency", "--jobs", "1,2,4", "train.device=cpu"]
+    assert cli.main(["bench", *argv, "--out", str(out)]) == 0
+    assert seen[0] is None
+    n = "models" if bench == "batched" else "jobs"
+    assert [(d["partial"], [r[n] for r in d["results"]]) for d in seen[1:]] == [(True, [1]), (True, [1, 2])]
+    assert "partial" not in json.loads(out.read_text())
+
+
 def _dies_or_waits(conn, barrier, i: int, threads: int) -> None:
     """A spawn_together target: process 1 dies at once without a word (as one killed for memory), the
     others wait for it at the barrier."""

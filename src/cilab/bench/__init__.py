@@ -41,7 +41,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import runfolder
+from .. import results, runfolder
 from ..config import ConfigError
 from ..results import RunFolderError
 from . import fused, pipeline, sharing, wholerun
@@ -141,6 +141,14 @@ def _check_out(out: Path | None) -> None:
 def _cmd(fn):
     def run_bench(args) -> int:
         _check_out(args.out)
+
+        def partial(so_far: dict) -> None:
+            """What is timed so far, into --out: a benchmark killed at a timeout (gpu.sh's steps) keeps it."""
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                results.atomic_write_json(args.out, {**so_far, "partial": True})
+
+        args.partial = partial  # benchmarks that time several N call it after each
         result = fn(args)
         text = json.dumps(result, indent=1)
         print(text)

@@ -104,13 +104,14 @@ def batched(args) -> dict:
             together = spawn_together(args.processes, _fused_process, (args.overrides, n, steps))
         if "error" in together:
             results.append({"models": n, **together})
-            continue
-        runs = together["runs"]
-        results.append({"models": n, "steps": steps, "runs": runs, "threads_per_run": together["threads_per_run"],
-                        "images": together["images"], "seconds": together["wall_s"],
-                        "images_per_s": together["aggregate_images_per_s"],
-                        "graphed": all(r["graphed"] for r in runs),
-                        "warnings": list(dict.fromkeys(w for r in runs for w in r["warnings"]))})
+        else:
+            runs = together["runs"]
+            results.append({"models": n, "steps": steps, "runs": runs, "threads_per_run": together["threads_per_run"],
+                            "images": together["images"], "seconds": together["wall_s"],
+                            "images_per_s": together["aggregate_images_per_s"],
+                            "graphed": all(r["graphed"] for r in runs),
+                            "warnings": list(dict.fromkeys(w for r in runs for w in r["warnings"]))})
+        args.partial({"benchmark": "batched", "processes": args.processes, "results": results})
     ok = [r for r in results if "error" not in r]
     if not ok:
         raise RuntimeError("bench batched: every N failed: " + "; ".join(r["error"] for r in results))

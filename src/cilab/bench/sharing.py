@@ -88,7 +88,10 @@ def concurrency(args) -> dict:
     epochs = args.epochs or (10 if setup.device.type == "cuda" else 1)
     seeds = parse_seeds(args.study_seeds, "--study-seeds")
     study = study_images(load_groups(args.groups_file), seeds, classes=args.classes, per_class=args.per_class)
-    results = [concurrent_runs(n, args.overrides, args.images, epochs, args.warmup_epochs, args.threads) for n in jobs]
+    results = []
+    for n in jobs:
+        results.append(concurrent_runs(n, args.overrides, args.images, epochs, args.warmup_epochs, args.threads))
+        args.partial({"benchmark": "concurrency", "results": results})
     ok = [r for r in results if "error" not in r]
     base = next((r for r in ok if r["jobs"] == 1), None)
     for r in ok:
