@@ -253,6 +253,7 @@ def test_non_empty_run_folder_is_refused_without_resume_or_overwrite(old_run, ca
     # a complete run: nothing to continue, so only --overwrite is offered
     assert rc == 2 and "already holds results (a complete run)" in err and "--overwrite" in err
     assert "--resume" not in err
+    assert files(old_run) == before  # refused: nothing touched
     results.atomic_write_json(old_run / results.METRICS, {"status": "interrupted", "completed_tasks": 1})
     rc, err = run_cli(["run", "icarl", "--out", str(old_run), *TINY], capsys)
     assert rc == 2 and "already holds results" in err and "--resume to continue it" in err and "--overwrite" in err
