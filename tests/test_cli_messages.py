@@ -276,3 +276,23 @@ def test_a_reports_misnamed_run_is_refused_before_the_previous_report_is_replace
     err = _error(capsys)
     assert err.startswith(f"cilab: error: {option[0]}") and option[1] in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the last report, whole
+
+
+def test_a_dry_run_downloads_nothing_and_says_the_data_is_still_to_come(tmp_path, capsys, monkeypatch):
+    """`cilab reproduce all --dry-run` on a fresh machine tried to download CIFAR-100 (and without
+    internet failed): a plan must not fetch 160 MB. It shows the plan and says the split is checked
+    once the run has the data; where the run could not get it either (data.download=false), it refuses."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", lambda self: pytest.fail("downloaded"))
+    root = tmp_path / "data"
+    argv = ["reproduce", "baselines", "--out", str(tmp_path / "o"), "--seeds", "0", "--dry-run", f"data.root={root}"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("new ") for line in out) == 4  # finetune, joint, lwf, icarl
+    notes = [line for line in out if line.startswith("note: ")]
+    assert notes == [f"note: CIFAR-100 is not in {root / 'cifar-100-python'} yet: the runs download it "
+                     "(data.download=true), and check their task split on it then"]
+    assert not root.exists()
+    assert cli.main(argv + ["data.download=false"]) == 2
+    assert _error(capsys).startswith(f"cilab: error: CIFAR-100 not found in {root / 'cifar-100-python'}.")

@@ -40,8 +40,8 @@ from .config import ConfigError
 from .executors import EXECUTORS, LocalExecutor, cpu_count, make_executor
 from .reevaluate import evaluate_run
 from .runspec import RunResult, RunSpec
-from .studyplan import (GROUPS_FILE, check_out, describe_groups, group_names, load_groups, longest_first, parse_seeds,
-                        plan_study)
+from .studyplan import (GROUPS_FILE, check_datasets, check_out, describe_groups, group_names, load_groups,
+                        longest_first, parse_seeds, plan_study, trained_here)
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -332,7 +332,10 @@ def cmd_reproduce(args) -> int:
     name, options = _executor_args(args)
     if args.dry_run:
         make_executor(name, **options)  # its options are checked too
-        specs = plan_study(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite)
+        specs = plan_study(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
+                           check_data=False)
+        for note in check_datasets(trained_here(specs), download=False):
+            print(f"note: {note}")
         for s in specs:
             what = f"(from {s.source.folder})" if s.source else f"{s.preset} {' '.join(s.overrides)}"
             print(f"{s.action:9s} {s.folder}  {what}")

@@ -248,22 +248,41 @@ def _refuse_identical_runs(group: str, specs: list[RunSpec], own_cfgs: dict[str,
                       "or run one of them with cilab run")
 
 
-def check_datasets(specs: list[RunSpec]) -> None:
-    """Load each distinct dataset once and check every scenario fits it, before any training."""
-    from .data import Scenario, load_dataset
+def check_datasets(specs: list[RunSpec], download: bool = True) -> list[str]:
+    """Load each distinct dataset once and check every scenario fits it, before any training.
+
+    ``download=False`` (a dry run: a plan fetches nothing) checks only the data already here; of
+    data the runs would download, it returns a note, and their task splits are checked when they
+    start."""
+    from .data import DatasetNotHere, Scenario, load_dataset
 
     seen: dict[str, object] = {}
+    notes: list[str] = []
     for s in specs:
         if s.action == "skip":
             continue
         key = repr(s.cfg.data)
         if key not in seen:
-            seen[key] = load_dataset(s.cfg.data)  # DatasetError: the CLI prints it, exit 2
-        data = seen[key]
+            try:  # DatasetError: the CLI prints it, exit 2
+                seen[key] = load_dataset(s.cfg.data if download else replace(s.cfg.data, download=False))
+            except DatasetNotHere as e:
+                if not s.cfg.data.download:
+                    raise
+                seen[key] = None
+                notes.append(f"{e.title} is not in {e.folder} yet: the runs download it (data.download=true), "
+                             "and check their task split on it then")
+        if seen[key] is None:
+            continue
         try:
-            Scenario.for_run(s.cfg, data)
+            Scenario.for_run(s.cfg, seen[key])
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
+    return notes
+
+
+def trained_here(specs: list[RunSpec]) -> list[RunSpec]:
+    """The runs that read their data: not copies, not evaluations of another run's checkpoints."""
+    return [s for s in specs if s.action not in ("copy", "evaluate")]
 
 
 def check_out(out: Path) -> None:
@@ -340,7 +359,7 @@ def plan_study(names: list[str], out: str | Path, overrides: list[str] | None = 
         elif trainer is not spec:
             specs[i] = replace(spec, action="evaluate", source=trainer, replaces=spec.action == "overwrite")
     if check_data:
-        check_datasets([s for s in specs if s.action not in ("copy", "evaluate")])
+        check_datasets(trained_here(specs))
     return specs
 
 

@@ -24,6 +24,15 @@ class DatasetError(RuntimeError):
     """The data cannot be loaded; the message says what to do."""
 
 
+class DatasetNotHere(DatasetError):
+    """A downloadable dataset not on this machine, asked for with data.download=false (a dry run's
+    check asks so: a plan fetches nothing)."""
+
+    def __init__(self, message: str, title: str, folder: Path):
+        super().__init__(message)
+        self.title, self.folder = title, folder
+
+
 @dataclass
 class Dataset:
     x_train: torch.Tensor  # uint8 N x 3 x S x S (S = 32, or data.image_size for image folders)
@@ -197,11 +206,10 @@ def _torchvision_cifar(tv_class, title: str, cfg) -> Dataset:
     root = Path(os.path.expanduser(cfg.root))
     folder = root / tv_class.base_folder
     if not cfg.download and not folder.exists():
-        raise DatasetError(
+        raise DatasetNotHere(
             f"{title} not found in {folder}. Either allow the download (data.download=true, needs internet), "
             f"or put the extracted '{tv_class.base_folder}' folder (from {tv_class.url}) into {root}, "
-            "or point data.root at the folder that holds it."
-        )
+            "or point data.root at the folder that holds it.", title, folder)
     try:
         train = tv_class(str(root), train=True, download=cfg.download)
         test = tv_class(str(root), train=False, download=False)
