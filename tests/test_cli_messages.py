@@ -296,3 +296,24 @@ def test_a_dry_run_downloads_nothing_and_says_the_data_is_still_to_come(tmp_path
     assert not root.exists()
     assert cli.main(argv + ["data.download=false"]) == 2
     assert _error(capsys).startswith(f"cilab: error: CIFAR-100 not found in {root / 'cifar-100-python'}.")
+
+
+def test_a_classifier_that_answers_one_class_is_named_after_the_run_and_in_its_report(tmp_path, capsys, npz,
+                                                                                        monkeypatch):
+    """Its accuracy is 1 / classes seen, a curve like any other: a run and a report say what it is."""
+    import torch
+
+    from cilab.classifiers import FCClassifier
+
+    monkeypatch.setattr(FCClassifier, "predict", lambda self, f: torch.full((len(f),), 1, dtype=torch.long))
+    out = tmp_path / "r1"
+    assert cli.main(["run", "icarl", "--out", str(out), "--quiet", *npz_overrides(npz, tasks=2)]) == 0
+    printed = capsys.readouterr().out
+    note = ("note: fc gave every test image one class after tasks 1 (class 1) and 2 (class 1): it has not "
+            "learned to tell the classes apart (too few training steps, or a learning rate too large for "
+            "the data: README, 'Why the FC head missed the newest classes on digits')")
+    assert note in printed.splitlines()
+    assert "nme gave" not in printed
+    rep = tmp_path / "rep"
+    assert cli.main(["report", str(out), "--out", str(rep), "--no-tsne"]) == 0
+    assert f"r1: {note[len('note: '):]}" in (rep / "report.md").read_text()

@@ -10,7 +10,8 @@ import torch
 from cilab import experiment
 from cilab.config import build_config
 from cilab.data import Scenario, load_dataset
-from cilab.evaluation import accuracy, confusion_matrix, extract_features, forgetting, summarize, task_accuracies
+from cilab.evaluation import (accuracy, confusion_matrix, extract_features, forgetting, single_class_tasks, summarize,
+                              task_accuracies)
 from cilab.experiment import Protocol
 from cilab.runtime import Runtime
 
@@ -35,6 +36,25 @@ def test_predictions_of_unseen_classes_get_their_own_confusion_column():
     assert accuracy(p, y) == 60.0  # 3 of 5: an unseen class is an error, not dropped
     with pytest.raises(ValueError, match="unseen_column=True"):
         confusion_matrix(p, y, 3)  # would otherwise fold 7 into another cell silently
+
+
+def test_a_classifier_that_gives_every_image_one_class_is_found():
+    """fc after 2 epochs on digits answered class 1 for every test image, task after task, and its
+    curve (50.5, 25.3, 16.8, ...: 1 / classes seen) read as a result. Matrices made by hand."""
+    import numpy as np
+
+    confusion = {
+        "fc_task01": np.array([[0, 45], [0, 46]]),  # every image -> class 1
+        "fc_task02": np.array([[0, 0, 0, 44], [0, 0, 0, 46], [0, 0, 0, 45], [0, 0, 0, 45]]),  # -> class 3
+        "fc_task03": np.array([[40, 5, 0], [3, 43, 0], [0, 0, 45]]),  # learned
+        # fc_scope=all: every image to a class not seen yet (the extra column)
+        "fc_task04": np.array([[0, 0, 45], [0, 0, 46]]),
+        "nme_task01": np.array([[44, 1], [2, 44]]),
+        "nme_task02": np.array([[45]]),  # one class seen: one column is the right answer
+    }
+    assert single_class_tasks(confusion, "fc") == [(1, "1"), (2, "3"), (4, "a class not seen yet")]
+    assert single_class_tasks(confusion, "nme") == []
+    assert single_class_tasks(confusion, "knn") == []
 
 
 def test_average_incremental_accuracy_and_forgetting():

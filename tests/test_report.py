@@ -96,7 +96,9 @@ def test_summary_of_real_runs_matches_numpy_and_failed_runs_are_excluded(real_ru
 
 def test_figures_are_pngs_of_the_expected_size(report):
     rep, out = report
-    assert rep.notes == ["t-SNE of finetune-s0: skipped, the run keeps no exemplars (memory.size=0)"]
+    # (one batch a task: the fc head may answer one class, which the other notes say)
+    assert [n for n in rep.notes if "gave every test image one class" not in n] == [
+        "t-SNE of finetune-s0: skipped, the run keeps no exemplars (memory.size=0)"]
     w, h = int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI)
     assert png_size(out / "accuracy.png") == (w, h)
     assert png_size(out / "current_task_accuracy.png") == (w, h)

@@ -76,6 +76,32 @@ def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int, unseen_column:
     return torch.bincount(y * cols + pred, minlength=n * cols).reshape(n, cols).cpu().numpy()
 
 
+def single_class_tasks(confusion: dict[str, np.ndarray], classifier: str) -> list[tuple[int, str]]:
+    """(task, class) for each task after which ``classifier`` gave every test image one class, of
+    two or more seen: it has not learned to tell them apart, and its accuracy, 1 / classes seen
+    (50, 25, 16.7, ... with 2 classes a task), would otherwise read as a result. ``confusion``:
+    confusion.npz's matrices, ``<classifier>_task<NN>``; the class is its column, or "a class not
+    seen yet" for the extra column of ``eval.fc_scope=all``."""
+    found = []
+    prefix = f"{classifier}_task"
+    for key in sorted(k for k in confusion if k.startswith(prefix) and k[len(prefix):].isdigit()):
+        cm = np.asarray(confusion[key])
+        used = np.flatnonzero(cm.sum(axis=0))
+        if cm.shape[0] >= 2 and len(used) == 1:
+            column = int(used[0])
+            found.append((int(key[len(prefix):]), "a class not seen yet" if column == cm.shape[0] else str(column)))
+    return found
+
+
+def single_class_note(classifier: str, found: list[tuple[int, str]]) -> str:
+    """What :func:`single_class_tasks` found, in words (a run's log, a report's notes)."""
+    tasks = [f"{t} (class {c})" if c.isdigit() else f"{t} ({c})" for t, c in found]
+    listed = tasks[0] if len(tasks) == 1 else f"{', '.join(tasks[:-1])} and {tasks[-1]}"
+    return (f"{classifier} gave every test image one class after task{'s' * (len(found) > 1)} {listed}: it has not "
+            "learned to tell the classes apart (too few training steps, or a learning rate too large for the "
+            "data: README, 'Why the FC head missed the newest classes on digits')")
+
+
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     # counted in integers: a float32 mean is off in the 7th digit (3 of 5 -> 60.0000024);
     # an accuracy over zero images is undefined (nan, null in metrics.json), never 0%.

@@ -36,7 +36,8 @@ from .classifiers import CLASSIFIERS, FitData, build_classifier
 from .config import Config, ConfigError, task_train_config
 from .data import BatchLoader, DatasetError, Scenario, load_dataset
 from .data.loader import Normalizer, data_placement, place
-from .evaluation import accuracy, confusion_matrix, extract_features, summarize, task_accuracies
+from .evaluation import (accuracy, confusion_matrix, extract_features, single_class_note, single_class_tasks, summarize,
+                         task_accuracies)
 from .losses import Criterion
 from .memory import EXEMPLAR_BUILDERS, BuildContext, ExemplarMemory
 from .methods import METHODS, TaskContext
@@ -291,6 +292,10 @@ class Protocol:
         self.metrics["status"] = "complete"
         results.atomic_write_json(self.out / results.METRICS, self.metrics)
         self.plot_accuracy()
+        for c in self.cfg.eval.classifiers:  # an accuracy of 1 / classes seen is not a result: say so
+            found = single_class_tasks(self.confusion, c)
+            if found:
+                self.log(f"note: {single_class_note(c, found)}")
         return self.metrics
 
     def plot_accuracy(self) -> None:

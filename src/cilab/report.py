@@ -37,6 +37,7 @@ from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, ch
 from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, FigureCache, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError
 from .errors import ReportError
+from .evaluation import single_class_note, single_class_tasks
 from .results import RunFolderError
 from .executors import cpu_count
 
@@ -76,6 +77,25 @@ def accuracy_figures(variants: list[Variant], out: Path, title: str, ddof: int =
                     title=f"{title}: accuracy on the current task{spread}", xlabel="task",
                     ylabel="accuracy on the current task's classes (%)", xticks=sorted(tasks)),
     ]
+
+
+def single_class_notes(runs: list[Run]) -> list[str]:
+    """A note for each complete run and classifier that gave every test image one class after some
+    task (:func:`cilab.evaluation.single_class_tasks`): its curve is no result."""
+    notes = []
+    for r in runs:
+        if not r.complete or not (r.path / results.CONFUSION).exists():
+            continue
+        try:
+            with np.load(r.path / results.CONFUSION) as z:
+                confusion = {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            continue  # an unreadable file: the confusion figure's note says so
+        for c in r.metrics["classifiers"]:
+            found = single_class_tasks(confusion, c)
+            if found:
+                notes.append(f"{r.name}: {single_class_note(c, found)}")
+    return notes
 
 
 def confusion_figures(run: Run, out: Path) -> list[Path]:
@@ -172,7 +192,7 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     done = [r for r in runs if r.complete]
     title = title or (variants[0].runs[0].metrics.get("dataset", "") if variants else "cilab report")
     figures: list[Path] = []
-    notes: list[str] = repeat_notes(variants)
+    notes: list[str] = repeat_notes(variants) + single_class_notes(done)
     write_csv(out / "summary.csv", rows, SUMMARY_FIELDS)
     write_csv(out / "curves.csv", curve_rows(variants, ddof), CURVE_FIELDS)
 
