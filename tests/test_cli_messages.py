@@ -317,3 +317,17 @@ def test_a_classifier_that_answers_one_class_is_named_after_the_run_and_in_its_r
     rep = tmp_path / "rep"
     assert cli.main(["report", str(out), "--out", str(rep), "--no-tsne"]) == 0
     assert f"r1: {note[len('note: '):]}" in (rep / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "3"], "--tasks 3 does not divide the 100 classes; choose one of 1, 2, 4, 5, 10, 20, 25, 50, 100"),
+    (["scenario.num_tasks=4"], "bench protocol sets scenario.num_tasks with --tasks; pass --tasks instead"),
+    (["train.epochs=2"], "bench protocol sets train.epochs with --epochs; pass --epochs instead"),
+])
+def test_bench_protocol_takes_its_tasks_and_epochs_from_its_options_only(tmp_path, capsys, monkeypatch, argv, message):
+    """An override of them won over the options while the JSON reported the options' values."""
+    from cilab import experiment
+
+    monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("ran before checking"))
+    assert cli.main(["bench", "protocol", "--out", str(tmp_path / "p.json"), "--quiet", *argv]) == 2
+    assert _error(capsys) == f"cilab: error: {message}"

@@ -12,11 +12,21 @@ import torch
 from ..config import build_config
 from .common import device_info, warnings_into
 
+CLASSES = 100
+
 
 def protocol(args) -> dict:
     """Wall time of a whole iCaRL run on CIFAR-100 if present, else random CIFAR-shaped data."""
     from .. import experiment
+    from ..config import ConfigError, parse_override
 
+    for key, option in (("scenario.num_tasks", "--tasks"), ("train.epochs", "--epochs")):
+        if any(parse_override(o)[0] == key for o in args.overrides):  # else it wins, and the JSON says the option's
+            raise ConfigError(f"bench protocol sets {key} with {option}; pass {option} instead")
+    first_task = any(parse_override(o)[0] == "scenario.first_task_classes" for o in args.overrides)
+    if CLASSES % args.tasks and not first_task:  # CIFAR-100 or its random stand-in: 100 classes
+        divisors = ", ".join(str(d) for d in range(1, CLASSES + 1) if CLASSES % d == 0)
+        raise ConfigError(f"--tasks {args.tasks} does not divide the {CLASSES} classes; choose one of {divisors}")
     overrides = [f"scenario.num_tasks={args.tasks}", f"train.epochs={args.epochs}", "eval.classifiers=[nme,fc]",
                  *args.overrides]
     if args.epochs <= 63 and not any(o.startswith("train.milestones") for o in overrides):
@@ -34,10 +44,11 @@ def protocol(args) -> dict:
             path = Path(tmp) / "random_cifar.npz"
             rng = np.random.default_rng(0)
             per = args.train_per_class
-            np.savez(path, x_train=rng.integers(0, 256, (100 * per, 32, 32, 3), dtype=np.uint8),
-                     y_train=np.arange(100 * per) % 100,
-                     x_test=rng.integers(0, 256, (100 * max(1, per // 5), 32, 32, 3), dtype=np.uint8),
-                     y_test=np.arange(100 * max(1, per // 5)) % 100)
+            n, n_test = CLASSES * per, CLASSES * max(1, per // 5)
+            np.savez(path, x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                     y_train=np.arange(n) % CLASSES,
+                     x_test=rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+                     y_test=np.arange(n_test) % CLASSES)
             data = ["data.name=npz", f"data.path={path}"]
             source = f"random CIFAR-shaped ({per} train images per class)"
         cfg = build_config("icarl", overrides + data)
