@@ -290,6 +290,7 @@ def test_a_dry_run_downloads_nothing_and_says_the_data_is_still_to_come(tmp_path
     assert cli.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("new ") for line in out) == 4  # finetune, joint, lwf, icarl
+    assert out[-1] == "4 runs: 4 new"
     notes = [line for line in out if line.startswith("note: ")]
     assert notes == [f"note: CIFAR-100 is not in {root / 'cifar-100-python'} yet: the runs download it "
                      "(data.download=true), and check their task split on it then"]

@@ -25,6 +25,7 @@ Running the same command again therefore continues where it stopped.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import shlex
@@ -341,6 +342,8 @@ def cmd_reproduce(args) -> int:
             print(f"{s.action:9s} {s.folder}  {what}")
             for n in s.notes:
                 print(f"          note: {n}")
+        actions = collections.Counter(s.action for s in specs)
+        print(f"{len(specs)} run{'s' * (len(specs) != 1)}: " + ", ".join(f"{n} {a}" for a, n in actions.items()))
         return 0
     try:
         res, rep = reproduce(names, args.out, overrides, groups=groups, seeds=seeds, overwrite=args.overwrite,
