@@ -51,6 +51,7 @@ def test_a_classifier_that_gives_every_image_one_class_is_found():
         "fc_task04": np.array([[0, 0, 45], [0, 0, 46]]),
         "nme_task01": np.array([[44, 1], [2, 44]]),
         "nme_task02": np.array([[45]]),  # one class seen: one column is the right answer
+        "nme_task03": np.array([[0, 0, 0], [0, 0, 0], [0, 0, 9]]),  # only one class has test images: as well
     }
     assert single_class_tasks(confusion, "fc") == [(1, "1"), (2, "3"), (4, "a class not seen yet")]
     assert single_class_tasks(confusion, "nme") == []

@@ -77,8 +77,8 @@ def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int, unseen_column:
 
 
 def single_class_tasks(confusion: dict[str, np.ndarray], classifier: str) -> list[tuple[int, str]]:
-    """(task, class) for each task after which ``classifier`` gave every test image one class, of
-    two or more seen: it has not learned to tell them apart, and its accuracy, 1 / classes seen
+    """(task, class) for each task after which ``classifier`` gave every test image one class, where
+    two or more classes have test images: it has not learned to tell them apart, and its accuracy, 1 / classes seen
     (50, 25, 16.7, ... with 2 classes a task), would otherwise read as a result. ``confusion``:
     confusion.npz's matrices, ``<classifier>_task<NN>``; the class is its column, or "a class not
     seen yet" for the extra column of ``eval.fc_scope=all``."""
@@ -87,7 +87,7 @@ def single_class_tasks(confusion: dict[str, np.ndarray], classifier: str) -> lis
     for key in sorted(k for k in confusion if k.startswith(prefix) and k[len(prefix):].isdigit()):
         cm = np.asarray(confusion[key])
         used = np.flatnonzero(cm.sum(axis=0))
-        if cm.shape[0] >= 2 and len(used) == 1:
+        if (cm.sum(axis=1) > 0).sum() >= 2 and len(used) == 1:  # two classes with test images, or one answer is right
             column = int(used[0])
             found.append((int(key[len(prefix):]), "a class not seen yet" if column == cm.shape[0] else str(column)))
     return found
