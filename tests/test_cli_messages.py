@@ -318,6 +318,9 @@ def test_a_classifier_that_answers_one_class_is_named_after_the_run_and_in_its_r
     rep = tmp_path / "rep"
     assert cli.main(["report", str(out), "--out", str(rep), "--no-tsne"]) == 0
     assert f"r1: {note[len('note: '):]}" in (rep / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), "--out", str(tmp_path / "r2"), "eval.classifiers=[fc,nme]"]) == 0
+    assert note in capsys.readouterr().out.splitlines()  # an evaluation says it too
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -352,6 +352,24 @@ def fmt_mean_std(mean: float, std: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
+def format_run_table(runs: dict[str, dict]) -> str:
+    """Accuracy after each task: one row per (run, classifier)."""
+    first = next(iter(runs.values()))
+    n = first["num_tasks"]
+    seen = first.get("classes_seen") or [first["classes_per_task"] * (t + 1) for t in range(n)]  # older runs
+    head = ["run", "clf"] + [str(s) for s in seen] + ["avg", "final"]
+    rows = []
+    for name, m in runs.items():
+        for c in m["classifiers"]:
+            acc = m[c]["accuracy"]
+            rows.append([name, c] + [f"{a:.1f}" for a in acc] + [""] * (n - len(acc))
+                        + [f"{m[c]['average_incremental_accuracy']:.1f}", f"{m[c]['final_accuracy']:.1f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = ["accuracy (%) on all seen classes, by number of classes seen", fmt(head), fmt(["-" * w for w in widths])]
+    return "\n".join(lines + [fmt(r) for r in rows])
+
+
 def format_summary_table(rows: list[dict]) -> str:
     """Plain-text table: one line per variant and classifier; the header says how the spread was computed."""
     ddof = rows[0].get("std_ddof", STD_DDOF) if rows else STD_DDOF

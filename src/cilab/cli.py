@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .aggregate import format_run_table
 from .config import ConfigError, build_config, preset_names
 
 EXIT_USAGE = 2
@@ -66,24 +67,6 @@ def cmd_run(args) -> int:
     print(format_run_table({args.out.name: metrics}))
     print(f"results in {args.out}")
     return 0
-
-
-def format_run_table(runs: dict[str, dict]) -> str:
-    """Accuracy after each task: one row per (run, classifier)."""
-    first = next(iter(runs.values()))
-    n = first["num_tasks"]
-    seen = first.get("classes_seen") or [first["classes_per_task"] * (t + 1) for t in range(n)]  # older runs
-    head = ["run", "clf"] + [str(s) for s in seen] + ["avg", "final"]
-    rows = []
-    for name, m in runs.items():
-        for c in m["classifiers"]:
-            acc = m[c]["accuracy"]
-            rows.append([name, c] + [f"{a:.1f}" for a in acc] + [""] * (n - len(acc))
-                        + [f"{m[c]['average_incremental_accuracy']:.1f}", f"{m[c]['final_accuracy']:.1f}"])
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    lines = ["accuracy (%) on all seen classes, by number of classes seen", fmt(head), fmt(["-" * w for w in widths])]
-    return "\n".join(lines + [fmt(r) for r in rows])
 
 
 # -- cilab demo --------------------------------------------------------------------------

@@ -13,8 +13,12 @@ Definitions (accuracies in percent):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from . import results
 
 
 @torch.no_grad()
@@ -100,6 +104,17 @@ def single_class_note(classifier: str, found: list[tuple[int, str]]) -> str:
     return (f"{classifier} gave every test image one class after task{'s' * (len(found) > 1)} {listed}: it has not "
             "learned to tell the classes apart (too few training steps, or a learning rate too large for the "
             "data: README, 'Why the FC head missed the newest classes on digits')")
+
+
+def single_class_notes_in(folder: Path, classifiers: list[str]) -> list[str]:
+    """:func:`single_class_note` for each of ``classifiers`` that gave every test image one class
+    after some task, read from the run folder's confusion.npz (none where it is missing or unreadable)."""
+    try:
+        with np.load(Path(folder) / results.CONFUSION) as z:
+            confusion = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return []
+    return [single_class_note(c, found) for c in classifiers if (found := single_class_tasks(confusion, c))]
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:

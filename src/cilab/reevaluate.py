@@ -34,8 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import results, runfolder, runlock
+from .aggregate import format_run_table
 from .config import Config, ConfigError, config_from_dict, deep_merge, overrides_to_dict
 from .data import Scenario
+from .evaluation import single_class_notes_in
 from .experiment import Protocol, load_run_data
 from .runtime import Runtime
 from .results import RunFolderError
@@ -175,8 +177,8 @@ def cmd_evaluate(args) -> int:
     before = results.read_metrics(args.run) if results.is_complete(args.run) else {}
     meta = {"preset": before.get("preset"), "overrides": [*(before.get("overrides") or []), *args.overrides]}
     m = evaluate_run(cfg, args.run, args.out, overwrite=args.overwrite, meta=meta)
-    for c in m["classifiers"]:
-        print(f"{c}: average incremental accuracy {m[c]['average_incremental_accuracy']:.2f}%, "
-              f"final {m[c]['final_accuracy']:.2f}%")
+    print(format_run_table({args.out.name: m}))  # as `cilab run` prints it, to read the two side by side
+    for note in single_class_notes_in(args.out, m["classifiers"]):
+        print(f"note: {note}")
     print(f"results in {args.out} (evaluated from {args.run}'s checkpoints in {m['reevaluation_s']:.0f}s)")
     return 0

@@ -37,7 +37,7 @@ from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, ch
 from .checkpoint_figures import TSNE_CLASSES, TSNE_TASKS, FigureCache, RunState, exemplar_figure, tsne_rows
 from .config import ConfigError
 from .errors import ReportError
-from .evaluation import single_class_note, single_class_tasks
+from .evaluation import single_class_notes_in
 from .results import RunFolderError
 from .executors import cpu_count
 
@@ -82,20 +82,9 @@ def accuracy_figures(variants: list[Variant], out: Path, title: str, ddof: int =
 def single_class_notes(runs: list[Run]) -> list[str]:
     """A note for each complete run and classifier that gave every test image one class after some
     task (:func:`cilab.evaluation.single_class_tasks`): its curve is no result."""
-    notes = []
-    for r in runs:
-        if not r.complete or not (r.path / results.CONFUSION).exists():
-            continue
-        try:
-            with np.load(r.path / results.CONFUSION) as z:
-                confusion = {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            continue  # an unreadable file: the confusion figure's note says so
-        for c in r.metrics["classifiers"]:
-            found = single_class_tasks(confusion, c)
-            if found:
-                notes.append(f"{r.name}: {single_class_note(c, found)}")
-    return notes
+    # (an unreadable confusion.npz gives none here: the confusion figure's note says what is wrong)
+    return [f"{r.name}: {note}" for r in runs if r.complete
+            for note in single_class_notes_in(r.path, r.metrics["classifiers"])]
 
 
 def confusion_figures(run: Run, out: Path) -> list[Path]:
