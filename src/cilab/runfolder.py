@@ -155,8 +155,9 @@ def _names(paths: list[Path], folder: Path, most: int = 5) -> str:
 # -- what a run may do with a folder -------------------------------------------------------
 
 
-def check_writable(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be written, by trying: permissions, read-only mounts, a file in the way."""
+def check_creatable(out: Path) -> Path:
+    """Refuse, by looking only, an ``--out`` with a file in the way (itself, or a parent still to be
+    gone through); returns the nearest folder of its path that exists (``out`` itself where it does)."""
     out = Path(out)
     probe_in = out
     while not probe_in.exists():
@@ -165,6 +166,13 @@ def check_writable(out: Path) -> None:
         probe_in = probe_in.parent
     if not probe_in.is_dir():
         raise RunFolderError(f"cannot create {out}: {probe_in} is a file, not a folder; choose another --out")
+    return probe_in
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, by trying: permissions, read-only mounts, a file in the way."""
+    out = Path(out)
+    probe_in = check_creatable(out)
     try:
         if probe_in == out:
             fd, name = tempfile.mkstemp(dir=out, prefix=results.TMP_PREFIX, suffix=results.TMP_SUFFIX)

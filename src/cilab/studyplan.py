@@ -290,9 +290,7 @@ def check_out(out: Path) -> None:
     read-only study is a plan too; ``reproduce`` then checks it can write there)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
-    above = next((p for p in out.parents if p.exists()), None)
-    if not out.exists() and above is not None and not above.is_dir():
-        raise ConfigError(f"cannot create {out}: {above} is a file, not a folder; choose another --out")
+    runfolder.check_creatable(out)  # a file above it
     if runfolder.is_run_folder(out):
         raise ConfigError(f"--out {out} is a run folder; cilab reproduce writes a folder of groups of run folders: "
                           "choose another --out")

@@ -134,6 +134,7 @@ def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> d
     start their timed part together at the barrier and send back {images, start, end, ...} or
     {error}; their numbers and the aggregate: all images / (last end - first start)."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
     from ..executors import cpu_count
 
@@ -148,8 +149,6 @@ def spawn_together(n: int, target, args: tuple, threads: int | None = None) -> d
         send.close()
         procs.append(p)
         pipes.append(recv)
-    from multiprocessing.connection import wait
-
     # Each result as it comes: a process that dies without a word (killed for memory, a crash in
     # CUDA) breaks the barrier at once, or the others would wait for it until the barrier's timeout.
     runs: list[dict | None] = [None] * n
