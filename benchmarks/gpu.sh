@@ -42,7 +42,7 @@
 # OUTDIR gets steps.json (every step: command, exit code, seconds, timed out or
 # not), env.json (python, torch, CUDA, GPU, which dependencies import, MPS), one
 # JSON per benchmark and per throughput or protocol variant (concurrency's and batched's written
-# after each N, "partial": true until they end), and logs.tgz (each step's
+# after each N, protocol's after each task, "partial": true until they end), and logs.tgz (each step's
 # output and pytest's junit xml). A lent machine sends back at most 8 files:
 # the default steps write 4. The last lines printed sum it up. The timeouts
 # are caps: on an H100 the suite ran past 319 s (12 workers) and 10 x 30 epochs
@@ -288,7 +288,8 @@ for f in sorted(out.glob("protocol*.json")):
     p = json.load(open(f))
     print(f"{f.stem} {p['tasks']}x{p['epochs']} (cudnn_benchmark {p['cudnn_benchmark']}): {p['wall_s']:.1f} s wall, "
           f"train {p['train_s']:.1f} s, {p['train_images_per_s']:.0f} img/s, "
-          f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%" + (f"; WARNINGS {p['warnings']}" if p.get("warnings") else ""))
+          f"memory+eval {100 * p['memory_and_eval_fraction']:.1f}%" + (f"; WARNINGS {p['warnings']}" if p.get("warnings") else "")
+          + (f"; PARTIAL, cut off after {p['completed_tasks']} of {p['tasks']} tasks" if p.get("partial") else ""))
 for f in sorted(out.glob("batched*.json")):
     b = json.load(open(f))
     where = f"{b['processes']} processes, MPS {'on' if b.get('mps_running') else 'off or unknown'}" \

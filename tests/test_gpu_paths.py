@@ -476,6 +476,37 @@ def test_throughput_benchmark_runs_on_the_cpu_and_records_what_it_trained_under(
     assert d["b_over_a"] == pytest.approx(d["b_cilab_trainer_img_s"] / d["a_bare_step_img_s"])
 
 
+def test_a_protocol_cut_off_at_its_timeout_keeps_the_tasks_it_finished(tmp_path, monkeypatch):
+    """gpu.sh kills protocol 10 x 70 at its step's timeout: the JSON, written at the end, was lost with
+    every task already timed. It is written after each task, marked partial until the run ends."""
+    from cilab import cli, experiment
+
+    out = tmp_path / "protocol.json"
+    seen = []
+    real_task = experiment.Protocol.run_task
+
+    def run_task(self, t):  # each task: what --out holds when it starts
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        if t == 0:  # a capture that failed in task 1 made every later figure an eager one
+            warnings.warn("CUDA-graph capture failed (stand-in)", RuntimeWarning)
+        return real_task(self, t)
+
+    monkeypatch.setattr(experiment.Protocol, "run_task", run_task)
+    assert cli.main(["bench", "protocol", "--tasks", "4", "--epochs", "1", "--train-per-class", "2", "--quiet",
+                     "--out", str(out), "train.batch_size=32", "memory.size=40", "model.name=resnet20",
+                     "train.device=cpu"]) == 0
+    assert seen[0] is None
+    assert [(d["partial"], d["completed_tasks"], len(d["per_task"])) for d in seen[1:]] == \
+        [(True, 1, 1), (True, 2, 2), (True, 3, 3)]
+    one = seen[1]  # a partial JSON's figures are those of the tasks done: task 1's train and eval times
+    assert one["train_s"] == pytest.approx(one["per_task"][0]["train_s"])
+    assert one["eval_s"] == pytest.approx(one["per_task"][0]["eval_s"])
+    assert one["warnings"] == ["RuntimeWarning: CUDA-graph capture failed (stand-in)"]
+    final = json.loads(out.read_text())
+    assert "partial" not in final and final["completed_tasks"] == 4 and len(final["per_task"]) == 4
+    assert final["train_s"] == pytest.approx(sum(p["train_s"] for p in final["per_task"]))
+
+
 def test_protocol_benchmark_records_the_warnings_of_its_run(tmp_path, monkeypatch):
     """A CUDA-graph capture that fails under train.cuda_graphs=auto warns and trains on eagerly: the
     benchmark's figure is then an eager one (a torch.compile variant, say), and its JSON must say so."""

@@ -53,11 +53,13 @@ def _sync(device: torch.device) -> None:
 
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        position: int = 0, meta: dict | None = None, log: Callable[[str], None] | None = None) -> dict:
+        position: int = 0, meta: dict | None = None, log: Callable[[str], None] | None = None,
+        on_task: Callable[[dict], None] | None = None) -> dict:
     """Run the whole protocol of ``cfg`` into the run folder ``out``; returns metrics.json's content.
 
     ``meta`` (preset name, overrides) is stored in metrics.json for reports. ``resume`` of a
-    complete run (of the same config) writes nothing and returns its metrics.
+    complete run (of the same config) writes nothing and returns its metrics. ``on_task`` is
+    called with the metrics so far after each task is saved (``bench protocol`` writes them out).
     """
     out = Path(out)
     log = log or (lambda msg: tqdm.write(msg))
@@ -79,7 +81,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     with runfolder.claim(out, cfg, resume, overwrite, log):
         results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
         with runtime.applied():  # before Protocol moves the data to the device: cuBLAS's setting must come first
-            return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume)
+            return Protocol(cfg, out, data, scenario, runtime, progress, position, meta or {}, log).run(resume, on_task)
 
 
 def load_run_data(data_cfg):
@@ -277,7 +279,7 @@ class Protocol:
                 results.atomic_write_json(self.out / results.METRICS, {**self._saved_metrics, "status": status})
             raise
 
-    def run(self, resume: bool) -> dict:
+    def run(self, resume: bool, on_task: Callable[[dict], None] | None = None) -> dict:
         start = self._restore() if resume else 0
         self.tracker = Trackers(self.cfg.log)
         self.tracker.start(self.out, self.cfg)
@@ -285,6 +287,8 @@ class Protocol:
             with self.stop_marked() as ctrl_c:
                 for t in range(start, self.scenario.num_tasks):
                     self.run_task(t)
+                    if on_task is not None:
+                        on_task(self.metrics)
                     if ctrl_c.count:  # a Ctrl-C whose KeyboardInterrupt was swallowed: stop now, task t is saved
                         raise KeyboardInterrupt
         finally:

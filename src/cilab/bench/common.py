@@ -27,16 +27,23 @@ def sync(device):
 def warnings_into(seen: list[str]):
     """Record the warnings raised in the block into ``seen`` (each message once), and show them
     as usual: a figure made while, say, a CUDA-graph capture failed and training went on eagerly
-    (train.cuda_graphs=auto) is an eager figure, and the benchmark's JSON must say so."""
+    (train.cuda_graphs=auto) is an eager figure, and the benchmark's JSON must say so.
+
+    Yields a function giving the messages recorded so far, for a JSON written before the block ends.
+    """
     caught: list = []
+
+    def messages() -> list[str]:
+        return list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield
+            yield messages
     finally:  # after the recording ends (showwarning is the real one again), and when the block fails too
         for w in caught:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        seen.extend(m for m in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught) if m not in seen)
+        seen.extend(m for m in messages() if m not in seen)
 
 
 def device_info(device) -> dict:
