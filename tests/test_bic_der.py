@@ -201,6 +201,21 @@ def test_derpp_loss_by_hand():
     assert only_new.item() == pytest.approx(math.log(2))
 
 
+def test_derpp_cross_entropy_over_the_seen_outputs_or_all_of_them_by_hand():
+    # 4 outputs, 2 seen, all logits 0: over the seen outputs CE = log 2, over all 4 (the authors'
+    # code, which also pushes down the classes to come) CE = log 4. The replayed image's stored
+    # logits (1, -1, 0, 0): MSE over all outputs either way, (1 + 1) / 4 = 0.5.
+    ctx = TaskContext(t=1, n_old=1, n_seen=2, num_classes=4, model=None, memory=None, criterion=None,
+                      device=torch.device("cpu"), generator=None, train_cfg=None, data=None, features=None,
+                      normalize=None, train=None, new_model=None, log=print)
+    z, y = torch.zeros(2, 4), torch.tensor([1, 0])
+    stored = torch.tensor([[0.0, 0, 0, 0, 0], [1.0, 1, -1, 0, 0]])
+    seen = DERpp(DERppArgs(alpha=0.3, beta=0.5)).loss(None, y, Outputs(z, None), None, ctx, stored)
+    assert seen.item() == pytest.approx(math.log(2) + 0.3 * 0.5 + 0.5 * math.log(2))
+    every = DERpp(DERppArgs(alpha=0.3, beta=0.5, ce_outputs="all")).loss(None, y, Outputs(z, None), None, ctx, stored)
+    assert every.item() == pytest.approx(math.log(4) + 0.3 * 0.5 + 0.5 * math.log(4))
+
+
 def test_derpp_stored_logits_follow_the_exemplars_and_reach_the_loss(monkeypatch, tmp_path):
     batches = []
     real_loss = DERpp.loss

@@ -143,6 +143,7 @@ def _saved(tmp_path, name: str, data: dict):
 @pytest.mark.parametrize("preset, key, before, now", [
     ("derpp", "store_logits", "eval", "train"),  # eval-mode logits until d2e94f8
     ("ewc", "normalize_fisher", False, True),  # the raw Fisher until fec3475
+    ("ewc", "fisher_estimator", "batch", "per_sample"),  # the Fisher from mini-batch gradients until then
 ])
 def test_a_saved_config_without_a_key_added_since_is_read_as_the_run_computed_it(tmp_path, preset, key, before, now):
     """config.yaml holds every key, so one it lacks was added to cilab after the run: the run

@@ -120,21 +120,51 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_along_high_fisher_direction
     assert ewc.penalty(model).item() == pytest.approx(5 * (0.25 * 0.25) + 5 * (1.0 + 2.25))
 
 
-def test_ewc_fisher_is_the_mean_squared_batch_gradient_by_hand():
+def _fisher(x, y, **args):
+    """EWC's Fisher of the model z = (w0 x, w1 x) (outputs 0 and 1 seen) on images x, labels y."""
+    model = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[args.pop("w0", 0.0)], [0.0]]))
+    ctx = _ctx(model, 0, 2, data=lambda lo, hi: (x, y), normalize=lambda v: v)
+    ctx.generator.manual_seed(0)
+    return EWC(EWCArgs(**args)).fisher(ctx)[0]
+
+
+@pytest.mark.parametrize("estimator", ["per_sample", "batch"])
+def test_ewc_fisher_of_identical_images_is_their_squared_gradient_by_hand(estimator):
     # Logits (w0*x, w1*x) at w = 0, x = 1, label 0: p = (1/2, 1/2), so
     # d(-log p_0)/dw0 = (p_0 - 1) x = -1/2 and d/dw1 = p_1 x = +1/2: squared 1/4
-    # each, the same for every batch (of identical images), so the Fisher is 1/4.
-    model = torch.nn.Module()
-    model.lin = torch.nn.Linear(1, 2, bias=False)
-    with torch.no_grad():
-        model.lin.weight.zero_()
-    model.forward = lambda x: model.lin(x)
-    x = torch.ones(4, 1)
-    y = torch.zeros(4, dtype=torch.int64)
-    ctx = _ctx(torch.nn.Module(), 0, 2, data=lambda lo, hi: (x, y), normalize=lambda v: v)
-    ctx.model = model
-    fisher = EWC(EWCArgs(fisher_batch=2)).fisher(ctx)
-    assert torch.allclose(fisher[0], torch.tensor([[0.25], [0.25]]))
+    # each. Every image (and so every batch of them) has this gradient: the Fisher is 1/4
+    # whichever way it is estimated (a batch gradient times |b| would give 1/2).
+    fisher = _fisher(torch.ones(4, 1), torch.zeros(4, dtype=torch.int64), fisher_batch=2,
+                     fisher_estimator=estimator)
+    assert torch.allclose(fisher, torch.tensor([[0.25], [0.25]]))
+
+
+def test_ewc_fisher_is_per_image_and_the_batch_estimate_loses_what_cancels_in_a_batch():
+    # Images x = +1 and x = -1, label 0, at w = 0: gradients (-x/2, +x/2), each squared 1/4, so the
+    # empirical Fisher (the mean of the squared per-image gradients) is 1/4. In one batch of both,
+    # the gradients cancel: the batch estimate is 0.
+    x, y = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), torch.zeros(4, dtype=torch.int64)
+    assert torch.allclose(_fisher(x, y, fisher_batch=2), torch.tensor([[0.25], [0.25]]))  # per_sample: the default
+    assert torch.allclose(_fisher(x, y, fisher_batch=2, fisher_estimator="batch"), torch.zeros(2, 1))
+    # per-image gradients do not depend on how the images are chunked
+    assert torch.allclose(_fisher(x, y, fisher_batch=3), torch.tensor([[0.25], [0.25]]))
+
+
+def test_ewc_fisher_with_labels_drawn_from_the_model_is_the_papers_expectation():
+    # w0 = ln 3, x = 1: p = (3/4, 1/4). Label 0 gives gradients (p_0 - 1, p_1) = (-1/4, 1/4), squared
+    # 1/16; label 1 gives (p_0, p_1 - 1) = (3/4, -3/4), squared 9/16. With the data's labels (all 0)
+    # the Fisher is 1/16; with labels drawn from the model it is, in expectation,
+    # 3/4 * 1/16 + 1/4 * 9/16 = 3/16 (4,000 images: standard deviation 0.0034).
+    import math
+
+    x, y = torch.ones(4000, 1), torch.zeros(4000, dtype=torch.int64)
+    data = _fisher(x, y, w0=math.log(3), fisher_batch=500)
+    assert torch.allclose(data, torch.full((2, 1), 1 / 16))
+    drawn = _fisher(x, y, w0=math.log(3), fisher_batch=500, fisher_labels="model")
+    assert drawn[0, 0].item() == pytest.approx(3 / 16, abs=0.015)
+    assert drawn[1, 0].item() == pytest.approx(drawn[0, 0].item())  # the two gradients mirror each other
 
 
 # -- trains_on: what the default training_data returns -----------------------------------------

@@ -37,7 +37,11 @@ training (measured on digits after one epoch: 6e5 against 70), and the MSE
 to them diverges (NaN in task 3 on digits, 1 epoch a task, seeds 0 and 1);
 (3) exemplars are mixed into the task's training set,
 not drawn as two separate replay batches beside every stream batch, so the
-alpha and beta terms share one replayed subset of each batch.
+alpha and beta terms share one replayed subset of each batch; (4) both
+cross-entropies run over the seen outputs, as for cilab's other softmax
+methods (``ce_outputs=seen``); the paper does not say, and the authors' code
+takes every output of the network (``ce_outputs=all``), which also pushes
+down the logits of the classes still to come.
 
 The paper's figures: DER++ was evaluated on Seq-CIFAR-10, Seq-TinyImageNet
 (ResNet-18) and MNIST variants, not on CIFAR-100 B0-10. Class-IL on
@@ -63,6 +67,7 @@ class DERppArgs:
     alpha: float = 0.1  # weight of the logit MSE on replayed exemplars (the paper's CIFAR-10 setting is 0.1-0.2)
     beta: float = 0.5  # weight of the CE on replayed exemplars' labels
     store_logits: str = "train"  # train: training-mode logits, as the paper stores them | eval: eval-mode (cilab before)
+    ce_outputs: str = "seen"  # seen: both CEs over z[:, :n_seen] | all: over every output (the authors' code)
 
 
 @register("derpp")
@@ -71,7 +76,7 @@ class DERpp(Method):
     own_loss = True  # CE + stored-logit MSE + replay CE
     uses_memory = True
 
-    limits = {"alpha": ">= 0", "beta": ">= 0", "store_logits": ("train", "eval")}
+    limits = {"alpha": ">= 0", "beta": ">= 0", "store_logits": ("train", "eval"), "ce_outputs": ("seen", "all")}
     absent_means = {"store_logits": "eval"}  # what cilab stored before the setting (d2e94f8)
 
     def __init__(self, args=None):
@@ -92,7 +97,7 @@ class DERpp(Method):
     def loss(self, x: torch.Tensor, y: torch.Tensor, out: Outputs, old: Outputs | None,
              ctx: TaskContext, stored: torch.Tensor | None = None) -> torch.Tensor:
         z = out.logits.float()
-        ce = F.cross_entropy(z[:, : ctx.n_seen], y, reduction="none")
+        ce = F.cross_entropy(z if self.args.ce_outputs == "all" else z[:, : ctx.n_seen], y, reduction="none")
         if stored is None:  # a second stage trained without stored logits
             return ce.mean()
         replay = stored[:, 0]

@@ -6,19 +6,30 @@ after earlier tasks, in proportion to its Fisher information:
 
     L = CE(z[:, :n_seen], y) + lambda/2 * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
 
-theta*_k are the parameters after task k, and F_k the diagonal empirical
-Fisher information of task k's training data,
+theta*_k are the parameters after task k, and F_k the diagonal Fisher
+information of task k's N training images x_n, taken at theta*_k with the
+network in eval mode, no augmentation:
 
-    F_k,i = mean over batches b of (d/dtheta_i  mean_{x in b} -log p(y|x))^2 * |b|,
+    F_k,i = 1/N sum_n (d/dtheta_i  -log p(y_n | x_n))^2
 
-taken at theta*_k with the network in eval mode, no augmentation.
+each image's own gradient (``method_args.fisher_estimator=per_sample``, the
+default; computed with torch.func.vmap in chunks of ``fisher_batch`` images).
 
-Departures: (1) the Fisher is estimated from mini-batch gradients (batch
-``method_args.fisher_batch``), not per-sample gradients: cheaper, common
-practice, and a biased estimate; (2) ``method_args.mode=online`` keeps one
-running Fisher sum and the latest anchor (Schwarz et al. 2018's online EWC
-with gamma = 1) instead of one penalty per task (``per_task``, the paper);
-(3) ``method_args.normalize_fisher=true`` (the default) divides each task's
+Departures, each a named option:
+(1) y_n is the image's label (the empirical Fisher, as common code computes
+it; ``method_args.fisher_labels=data``, the default). The paper's Fisher is an
+expectation over the model's own predictions: ``fisher_labels=model`` draws
+each y_n from p(. | x_n) over the seen outputs (one draw an image).
+(2) ``fisher_estimator=batch`` squares the gradient of each mini-batch's mean
+loss instead, F_k,i = sum_b |b| (d/dtheta_i mean_{n in b} -log p(y_n|x_n))^2 / N.
+It is cheaper, and it is what cilab computed before the setting (so run
+folders without it read as ``batch``). It equals the per-image Fisher where a
+batch's images share one gradient, and falls towards 1/|b| of it where their
+gradients disagree (they cancel in the mean).
+(3) ``method_args.mode=online`` keeps one running Fisher sum and the latest
+anchor (Schwarz et al. 2018's online EWC with gamma = 1) instead of one penalty
+per task (``per_task``, the paper).
+(4) ``method_args.normalize_fisher=true`` (the default) divides each task's
 Fisher by its largest entry. The penalty's curvature is then at most lambda,
 and SGD with momentum 0.9 stays stable on it while lr * lambda < 3.8 (on
 digits the raw Fisher with lambda = 1000 and lr 0.1 made the loss NaN in
@@ -38,16 +49,20 @@ from .base import Method, Outputs, TaskContext, register
 class EWCArgs:
     lambda_: float = 10.0  # strength of the penalty (with normalize_fisher: keep lr * lambda_ < 3.8)
     mode: str = "per_task"  # per_task (the paper) | online (one Fisher sum, latest anchor)
-    fisher_batch: int = 64
+    fisher_batch: int = 64  # images a chunk of per-image gradients (per_sample) or a mini-batch (batch)
     normalize_fisher: bool = True  # divide each task's Fisher by its largest entry (see the module doc)
+    fisher_estimator: str = "per_sample"  # per_sample (each image's gradient) | batch (mini-batch gradients)
+    fisher_labels: str = "data"  # data (the empirical Fisher) | model (labels drawn from the model: the paper's)
 
 
 @register("ewc")
 class EWC(Method):
     Args = EWCArgs
     own_loss = True  # CE + the Fisher penalty
-    limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0"}
-    absent_means = {"normalize_fisher": False}  # the raw Fisher, as cilab had it before the setting (fec3475)
+    limits = {"mode": ("per_task", "online"), "lambda_": ">= 0", "fisher_batch": "> 0",
+              "fisher_estimator": ("per_sample", "batch"), "fisher_labels": ("data", "model")}
+    # what cilab computed before each setting: the raw Fisher (fec3475), from mini-batch gradients
+    absent_means = {"normalize_fisher": False, "fisher_estimator": "batch", "fisher_labels": "data"}
 
     def __init__(self, args=None):
         super().__init__(args)
@@ -72,24 +87,51 @@ class EWC(Method):
         return F.cross_entropy(out.logits[:, : ctx.n_seen].float(), y) + self.penalty(ctx.model)
 
     def fisher(self, ctx: TaskContext) -> list[torch.Tensor]:
-        """Diagonal empirical Fisher of task t's training data at the current parameters."""
+        """Diagonal Fisher of task t's training data at the current parameters (see the module doc)."""
         model = ctx.model
         x, y = ctx.data(ctx.n_old, ctx.n_seen)
-        params = list(model.parameters())
+        names, params = zip(*model.named_parameters())
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         was_training = model.training
         model.eval()
+        squared = self._per_image_squared if self.args.fisher_estimator == "per_sample" else self._batch_squared
         bs = self.args.fisher_batch
         for i in range(0, len(y), bs):
             xb = ctx.normalize(x[i: i + bs])
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb)[:, : ctx.n_seen].float(), y[i: i + bs]).backward()
-            for f, p in zip(fisher, params):
-                if p.grad is not None:
-                    f += p.grad.float().pow(2) * len(xb)
+            yb = y[i: i + bs]
+            if self.args.fisher_labels == "model":  # one label an image, drawn from the model's prediction
+                with torch.no_grad():
+                    p = model(xb)[:, : ctx.n_seen].float().softmax(1)
+                yb = torch.multinomial(p, 1, generator=ctx.generator).squeeze(1)
+            for f, g2 in zip(fisher, squared(model, names, xb, yb, ctx.n_seen)):
+                f += g2
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         return [f / max(len(y), 1) for f in fisher]
+
+    @staticmethod
+    def _per_image_squared(model, names, xb, yb, n_seen) -> list[torch.Tensor]:
+        """Sum over the chunk of each image's squared gradient, per parameter (torch.func)."""
+        from torch.func import functional_call, grad, vmap
+
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())  # eval mode: BatchNorm reads its running statistics
+
+        def loss(p, xi, yi):
+            z = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+            return F.cross_entropy(z[:, :n_seen].float(), yi.unsqueeze(0))
+
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, xb, yb)
+        return [g[n].float().pow(2).sum(0) for n in names]
+
+    @staticmethod
+    def _batch_squared(model, names, xb, yb, n_seen) -> list[torch.Tensor]:
+        """|b| times the squared gradient of the chunk's mean loss, per parameter."""
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb)[:, :n_seen].float(), yb).backward()
+        grads = dict((n, p.grad) for n, p in model.named_parameters())
+        return [torch.zeros((), device=xb.device) if grads[n] is None else grads[n].float().pow(2) * len(xb)
+                for n in names]
 
     def after_train(self, ctx: TaskContext) -> None:
         fisher = self.fisher(ctx)

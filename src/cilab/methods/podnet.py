@@ -42,6 +42,15 @@ implemented); (6) memory is the fixed budget K = 2000 (``memory.size``),
 where the paper keeps 20 per class; (7) the preset uses the study's schedule
 (70 epochs, lr x0.2 at 49 and 63) with lr 0.1 and weight decay 5e-4 where the
 paper trains 160 epochs with cosine annealing from lr 0.1.
+Where cilab follows the paper and the authors' code differs: (8) POD-spatial
+reads the output map of each of the network's 3 stages (after the block's
+ReLU, the last one without: ``model.last_relu=false``). The authors' CIFAR
+ResNet distils 4 maps, all before a ReLU: the ends of stages 1 and 2, stage 3
+before its last block, and its end. So their tuned factor 3 (see (2)) averages
+over other maps than cilab's. (9) The LSC's similarity is cos(theta, h); the
+authors' code uses 2 cos - 2, which halves the temperature of the softmax
+over the proxies and doubles the logits' starting scale. (10) POD-flat is
+1 - cos of the final embeddings, the authors' cosine embedding loss.
 
 The paper's CIFAR-100 figures (ResNet-32, average incremental accuracy,
 Table 1), for a user with CIFAR-100 and a GPU to check:
