@@ -2,6 +2,7 @@
 problem and the fix, before any work, for each case a review of the commands met as a user would.
 """
 
+import json
 import re
 
 import pytest
@@ -335,3 +336,40 @@ def test_bench_protocol_takes_its_tasks_and_epochs_from_its_options_only(tmp_pat
     monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("ran before checking"))
     assert cli.main(["bench", "protocol", "--out", str(tmp_path / "p.json"), "--quiet", *argv]) == 2
     assert _error(capsys) == f"cilab: error: {message}"
+
+
+# -- cilab demo: never loses a run's results, checks every run before training any -------------
+
+_QUICK_DEMO = ["scenario.num_tasks=2", "train.epochs=1", "train.milestones=[]", "train.batch_size=64"]
+
+
+def test_demo_refuses_a_folder_holding_another_runs_results_and_keeps_them(tmp_path, capsys):
+    """`cilab demo` ran every run with overwrite: a finished run in DIR/finetune (a second demo with
+    another seed, a run copied there) lost its metrics and checkpoints. It is refused, before any
+    training, and --overwrite replaces it."""
+    from cilab import cli
+
+    out = tmp_path / "demo"
+    other = ["data.name=digits", "model.name=resnet20", *_QUICK_DEMO, "seed=5"]
+    assert cli.main(["run", "finetune", "--out", str(out / "finetune"), "--quiet", *other]) == 0
+    saved = sorted(p.name for p in (out / "finetune").iterdir())
+    capsys.readouterr()
+    assert cli.main(["demo", "--out", str(out), "--quiet", *_QUICK_DEMO]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'finetune'} holds another run than the demo's (its config differs (seed: 5 saved, 0 now" in err
+    assert "pass --overwrite to replace it, or choose another --out" in err
+    assert sorted(p.name for p in (out / "finetune").iterdir()) == saved  # its results are all there
+    assert sorted(p.name for p in out.iterdir()) == ["finetune"]  # and nothing else was trained
+    assert cli.main(["demo", "--out", str(out), "--quiet", "--overwrite", *_QUICK_DEMO]) == 0
+    assert json.loads((out / "finetune" / "metrics.json").read_text())["seed"] == 0  # the demo's own run now
+
+
+def test_demo_checks_every_runs_overrides_before_training_any(tmp_path, capsys):
+    """`cilab demo method=lwf` trained the first run (an lwf run in DIR/finetune), then stopped at
+    joint, whose preset sets method_args.warm_start, which lwf has not."""
+    from cilab import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quiet", *_QUICK_DEMO, "method=lwf"]) == 2
+    assert "method lwf has no setting 'method_args.warm_start'" in capsys.readouterr().err
+    assert not out.exists()

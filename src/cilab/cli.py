@@ -96,6 +96,9 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run folders (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every run")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-task accuracy lines")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start every run again, replacing what its folder holds (default: a demo run cut short "
+                        "goes on, a finished one is kept, another run's folder is refused)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -105,22 +108,46 @@ def cmd_demo(args) -> int:
     from .plots import plot_comparison
 
     start = time.perf_counter()
-    runs = {}
-    for method, extra in DEMO_METHODS.items():
+    plans = []
+    for method, extra in DEMO_METHODS.items():  # every run's config and folder checked before any trains
         overrides = DEMO_OVERRIDES + extra + list(args.overrides)
         cfg = build_config(method, overrides)
-        folder = args.out / method
-        if results.is_complete(folder) and results.read_metrics(folder).get("overrides") == overrides:
-            runs[method] = results.read_metrics(folder)  # already done: a second `make demo` is instant
-            continue
-        print(f"== {method}")
-        runs[method] = run(cfg, folder, overwrite=True, progress=not args.quiet,
-                           meta={"preset": method, "overrides": overrides})
+        _check_demo_folder(args.out / method, cfg, args.overwrite)
+        plans.append((method, overrides, cfg))
+    runs = {}
+    try:
+        for method, overrides, cfg in plans:
+            folder = args.out / method
+            if not args.overwrite and results.is_complete(folder) \
+                    and results.read_metrics(folder).get("overrides") == overrides:
+                runs[method] = results.read_metrics(folder)  # already done: a second `make demo` is instant
+                continue
+            print(f"== {method}")
+            # a demo run cut short goes on where it stopped; --overwrite starts every run again
+            runs[method] = run(cfg, folder, resume=not args.overwrite, overwrite=args.overwrite,
+                               progress=not args.quiet, meta={"preset": method, "overrides": overrides})
+    except KeyboardInterrupt:
+        cmd = " ".join(["cilab", "demo", "--out", shlex.quote(str(args.out)), *map(shlex.quote, args.overrides)])
+        print(f"\ninterrupted; the completed tasks are saved in {args.out}. Continue with:\n  {cmd}", file=sys.stderr)
+        return 130
     plot = plot_comparison(runs, args.out / "demo.png", "cilab demo: digits, 5 tasks of 2 classes")
     print()
     print(format_run_table(runs))
     print(f"\nrun folders and plot in {args.out} ({plot.name}); {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _check_demo_folder(folder: Path, cfg, overwrite: bool) -> None:
+    """Refuse, before any run trains, a folder whose results the demo would lose: one holding
+    another run (a demo with other settings, a run put there), unless --overwrite."""
+    from . import runfolder
+
+    if not overwrite and runfolder.is_run_folder(folder):
+        conflict = runfolder.config_conflict(folder, cfg)
+        if conflict:
+            raise runfolder.RunFolderError(f"{folder} holds another run than the demo's ({conflict}); pass "
+                                           "--overwrite to replace it, or choose another --out")
+    runfolder.check(folder, cfg, resume=not overwrite, overwrite=overwrite)  # not a run folder, in use, ...
 
 
 # -- entry point -------------------------------------------------------------------------
