@@ -125,7 +125,7 @@ if [[ $SMOKE == 1 ]]; then
     CONC=(--images 32 --epochs 1 --warmup-epochs 0 --threads 1 train.batch_size=32)
     JOBS=1,2 MPS_JOBS=2
     THRU=(--rounds 1 --images 64 --exemplars 0 --epochs 1 --workers 0 train.batch_size=32)
-    PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=40)
+    PROT=(--tasks 2 --epochs 1 --train-per-class 2 --quiet train.batch_size=32 memory.size=100)
     BATCHED=(--models 1,2 --steps 1 train.batch_size=4 model.name=resnet20)
     SUITE=(tests/test_gpu_paths.py)
     STUDY=(train.epochs=1 train.milestones=[] model.name=resnet20 train.batch_size=32 memory.size=200

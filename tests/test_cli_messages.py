@@ -4,6 +4,7 @@ problem and the fix, before any work, for each case a review of the commands met
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -373,3 +374,41 @@ def test_demo_checks_every_runs_overrides_before_training_any(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), "--quiet", *_QUICK_DEMO, "method=lwf"]) == 2
     assert "method lwf has no setting 'method_args.warm_start'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_memory_smaller_than_the_classes_is_refused_before_training(tmp_path, capsys):
+    """K // classes seen exemplars a class: memory.size=5 on digits' 10 classes kept none once 6 were
+    seen, so NME guessed (and the one-class note blamed the learning rate) and an SVM failed at that
+    task, after the training of every task before it."""
+    from cilab import cli
+
+    out = tmp_path / "small"
+    assert cli.main(["run", "icarl", "--out", str(out), "--quiet", "data.name=digits", "memory.size=5",
+                     "eval.classifiers=[nme,svm]", *_QUICK_DEMO]) == 2
+    assert ("memory.size=5 keeps no exemplar of a class once more than 5 of the 10 classes are seen "
+            "(memory.size // classes seen each); choose memory.size >= 10") in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_broken_plugin_file_is_named_in_one_line_by_every_command(tmp_path):
+    """A method file with a syntax error (or a name registered twice) in cilab's plugin folders broke
+    every command, `cilab --help` included, with a traceback from deep in the package's import."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "cilab", tmp_path / "cilab", ignore=shutil.ignore_patterns("__pycache__"))
+    broken = tmp_path / "cilab" / "methods" / "mine.py"
+    broken.write_text("from .base import Method, register\n\n@register('mine')\nclass Mine(Method)\n    pass\n")
+    argv = [sys.executable, "-c", "import sys; from cilab.console import main; sys.exit(main())", "--help"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"cilab: error: the plugin {broken} does not import (SyntaxError: expected ':' (mine.py, line 4)); "
+        f"fix it, or move it out of {broken.parent}"]
+    broken.write_text("from .base import Method, register\n\n@register('icarl')\nclass Mine(Method):\n    pass\n")
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.stderr.splitlines() == [
+        f"cilab: error: the plugin {broken} does not import (KeyError: \"method 'icarl' registered twice\"); "
+        f"fix it, or move it out of {broken.parent}"]

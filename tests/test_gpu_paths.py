@@ -493,7 +493,7 @@ def test_a_protocol_cut_off_at_its_timeout_keeps_the_tasks_it_finished(tmp_path,
 
     monkeypatch.setattr(experiment.Protocol, "run_task", run_task)
     assert cli.main(["bench", "protocol", "--tasks", "4", "--epochs", "1", "--train-per-class", "2", "--quiet",
-                     "--out", str(out), "train.batch_size=32", "memory.size=40", "model.name=resnet20",
+                     "--out", str(out), "train.batch_size=32", "memory.size=100", "model.name=resnet20",
                      "train.device=cpu"]) == 0
     assert seen[0] is None
     assert [(d["partial"], d["completed_tasks"], len(d["per_task"])) for d in seen[1:]] == \
@@ -522,7 +522,7 @@ def test_protocol_benchmark_records_the_warnings_of_its_run(tmp_path, monkeypatc
     monkeypatch.setattr(experiment, "run", run)
     out = tmp_path / "protocol.json"
     assert cli.main(["bench", "protocol", "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--quiet",
-                     "--out", str(out), "train.batch_size=32", "memory.size=40", "model.name=resnet20",
+                     "--out", str(out), "train.batch_size=32", "memory.size=100", "model.name=resnet20",
                      "train.device=cpu"]) == 0
     d = json.loads(out.read_text())
     assert d["tasks"] == 2 and d["epochs"] == 1 and d["data"].startswith("random CIFAR-shaped")

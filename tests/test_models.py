@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from cilab.config import ConfigError, build_config
-from cilab.models import MODELS, ResNet18, build_model, check_image_size, create_model
+from cilab.models import MODELS, Backbone, ResNet18, build_model, check_image_size, create_model
 
 
 def n_params(m):
@@ -41,7 +41,7 @@ def test_resnet18_feature_maps_and_head_split():
 
 
 def test_a_users_backbone_registers_and_runs_through_config():
-    class Tiny(nn.Module):
+    class Tiny(Backbone):
         def __init__(self, num_classes):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -49,9 +49,6 @@ def test_a_users_backbone_registers_and_runs_through_config():
 
         def features(self, x):
             return self.conv(x).mean(dim=(2, 3))
-
-        def forward(self, x):
-            return self.head(self.features(x))
 
     name = "test-tiny-user-net"
     if name not in MODELS:
@@ -65,7 +62,7 @@ def test_a_users_backbone_registers_and_runs_through_config():
 
 
 def test_a_backbone_that_fails_at_the_size_is_refused_by_config():
-    class Fixed32(nn.Module):  # flattens a 32x32 map into a layer sized for it
+    class Fixed32(Backbone):  # flattens a 32x32 map into a layer sized for it
         def __init__(self, num_classes):
             super().__init__()
             self.fc = nn.Linear(3 * 32 * 32, 8)
@@ -87,3 +84,26 @@ def test_a_backbone_without_the_features_head_split_is_refused():
     if name not in MODELS:
         MODELS.register(name)(lambda num_classes: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)))
     assert "features" in check_image_size(name, 32)
+
+
+def test_a_backbone_that_is_not_a_cilab_backbone_is_refused_by_config():
+    """A module with features() and head but its own forward(x) passed the check, then failed at the
+    first training step: the step calls model(x, with_features=True), which Backbone defines."""
+    class Plain(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, num_classes)
+
+        def features(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    name = "test-plain-module-net"
+    if name not in MODELS:
+        MODELS.register(name)(lambda num_classes: Plain(num_classes))
+    with pytest.raises(ConfigError, match=r"it is a Plain, not a cilab.models.Backbone \(the training step calls "
+                                          r"model\(x, with_features=True\)\); subclass cilab.models.Backbone"):
+        build_config("finetune", [f"model.name={name}", "data.name=digits"])

@@ -549,6 +549,9 @@ def validate(cfg: Config) -> None:
             f"classifiers {needs_memory} are fitted on exemplars but memory.size=0; "
             "use eval.classifiers=[fc] or a method with memory (icarl)"
         )
+    if "knn" in ev.classifiers and 0 < mem.size < ev.knn.k:  # scikit-learn would fail after the task's training
+        raise ConfigError(f"eval.knn.k={ev.knn.k} neighbours vote among at most memory.size={mem.size} exemplars; "
+                          f"choose eval.knn.k <= {mem.size}")
 
 
 def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:

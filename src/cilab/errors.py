@@ -15,3 +15,8 @@ class OlderRunError(ConfigError):
 
 class ReportError(RuntimeError):
     """Run folders that cannot make a report (or a figure of one); the message names the folder."""
+
+
+class PluginError(ImportError):
+    """A module in one of cilab's plugin folders (methods/, memory/) that does not import; the
+    message names the file. Raised while cilab itself imports, before any command runs."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
+
+from .errors import PluginError
 
 T = TypeVar("T")
 
@@ -35,3 +40,18 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_plugins(package: str, path: Iterable[str], skip: tuple[str, ...] = ()) -> None:
+    """Import every module of ``package`` (its folders ``path``) but ``skip``: each registers its
+    components on import, so a new one is a new file. A file that does not import (a syntax error,
+    a name registered twice) is named in a PluginError, not left to a traceback from the import."""
+    for mod in pkgutil.iter_modules(path):
+        if mod.name in skip:
+            continue
+        try:
+            importlib.import_module(f"{package}.{mod.name}")
+        except Exception as e:
+            file = Path(mod.module_finder.path) / f"{mod.name}.py"
+            raise PluginError(f"the plugin {file} does not import ({type(e).__name__}: {e}); fix it, or move it "
+                              f"out of {file.parent}") from e

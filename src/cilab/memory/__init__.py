@@ -5,16 +5,12 @@ it is chosen by ``memory.kind``. ``real`` keeps selected training images;
 other kinds register themselves here from their own modules.
 """
 
-import importlib
-import pkgutil
-
+from ..registry import import_plugins
 from .buffer import ExemplarMemory
 from .selection import EXEMPLAR_BUILDERS, SELECTIONS, BuildContext, herding, random_selection
 
 # Every other module in this package registers its builders on import
 # (collage.py, deepinversion.py, ...): a new kind is a new file, nothing else.
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in ("buffer", "selection"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_plugins(__name__, __path__, skip=("buffer", "selection"))
 
 __all__ = ["ExemplarMemory", "EXEMPLAR_BUILDERS", "SELECTIONS", "BuildContext", "herding", "random_selection"]

@@ -6,13 +6,9 @@ new file and nothing else. A method defined outside cilab registers itself the
 same way (``@register("mine")``) once its module is imported.
 """
 
-import importlib
-import pkgutil
-
+from ..registry import import_plugins
 from .base import METHODS, Method, NoArgs, Outputs, TaskContext, register
 
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_plugins(__name__, __path__, skip=("base",))
 
 __all__ = ["METHODS", "Method", "NoArgs", "Outputs", "TaskContext", "register"]
