@@ -67,3 +67,18 @@ def test_the_readme_method_table_gives_each_files_true_size():
         assert (int(code), int(lines)) == (_lines_of_code(path), len(path.read_text().splitlines())), name
     shared = re.search(r"share `methods/balanced.py` \((\d+) lines of code\)", (ROOT / "README.md").read_text())
     assert int(shared.group(1)) == _lines_of_code(ROOT / "src" / "cilab" / "methods" / "balanced.py")
+
+
+def test_run_refuses_resume_and_overwrite_together_before_touching_the_folder(tmp_path):
+    """The command line refuses --resume with --overwrite; the Python API took both (and overwrote)."""
+    import pytest
+
+    from cilab import build_config, run
+    from cilab.config import ConfigError
+
+    cfg = build_config("finetune", ["data.name=digits", "scenario.num_tasks=2", "train.epochs=1",
+                                    "train.milestones=[]", "train.val_split=0", "train.keep_best=false"])
+    with pytest.raises(ConfigError, match="resume=True continues the run in the folder and overwrite=True deletes "
+                                          "it; pass one of them"):
+        run(cfg, tmp_path / "r", resume=True, overwrite=True)
+    assert not (tmp_path / "r").exists()

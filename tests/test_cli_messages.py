@@ -188,6 +188,14 @@ def test_evaluate_names_a_missing_source_and_an_unfinished_one(tmp_path, capsys,
     assert _error(capsys) == (f"cilab: error: cannot evaluate from {half}: it holds a run that stopped "
                               "(interrupted), 1 of 2 tasks done, not a complete run; finish it first with "
                               "`cilab run ... --resume` (or `cilab reproduce`, which resumes it)")
+    from cilab import runlock
+
+    results.atomic_write_json(half / results.METRICS, {"status": "running", "completed_tasks": 1, "num_tasks": 2})
+    with runlock.RunLock(half):  # a run still training: resuming it is not the advice, waiting is
+        assert cli.main(["evaluate", str(half), "--out", str(tmp_path / "e")]) == 2
+        err = _error(capsys)
+    assert err.startswith(f"cilab: error: cannot evaluate from {half}: it holds a run in progress (pid ")
+    assert err.endswith("1 of 2 tasks done; wait for it to finish")
 
 
 def test_an_unknown_option_says_where_the_options_are(tmp_path, capsys):

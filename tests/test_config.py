@@ -223,3 +223,24 @@ def test_an_older_folders_config_read_for_its_network_keeps_its_own_settings():
     cfg = saved_config(di, network_only=True)
     assert cfg.memory.deepinversion.iterations == 11 and cfg.memory.deepinversion.alpha_f == 1.0
     assert cfg.memory.deepinversion.batch_size == DeepInversionConfig().batch_size
+
+
+def test_repeated_milestones_and_a_string_of_overrides_are_refused_in_one_line():
+    # [1, 1] passed as increasing, and the scheduler lowered the learning rate twice at epoch 1
+    with pytest.raises(ConfigError, match=r"'train.milestones' must be strictly increasing, got \[1, 1\]"):
+        build_config("icarl", ["train.epochs=3", "train.milestones=[1,1]"])
+    # a string, not a list: its characters were read as overrides ("override 't' is not of the form key=value")
+    with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings \(or a mapping\), got "
+                                          r"the string 'train.epochs=3'; pass \['train.epochs=3'\]"):
+        build_config("icarl", "train.epochs=3")
+
+
+def test_a_groups_file_that_is_not_yaml_is_refused_in_one_line_like_a_preset(tmp_path):
+    from cilab.studyplan import load_groups
+
+    bad = tmp_path / "groups.yaml"
+    bad.write_text("mine:\n  runs: [{preset: icarl\n")
+    with pytest.raises(ConfigError) as e:
+        load_groups(bad)
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{bad} is not valid YAML at line 3, column 1: ")

@@ -280,7 +280,13 @@ def test_report_refuses_a_folder_without_runs_and_writing_into_a_run(tmp_path, c
     assert "neither a run folder" in capsys.readouterr().err
     run_dir = write_run(tmp_path / "icarl-s0", fake_metrics("icarl", 0, [], {"nme": [50.0, 40.0]}))
     assert cli.main(["report", str(run_dir), "--out", str(run_dir)]) == 2
-    assert "is a run folder" in capsys.readouterr().err
+    assert f"--out {run_dir} holds a run's files (metrics.json" in capsys.readouterr().err
+    stray = tmp_path / "mydir"  # only a config.yaml, no marker: not a run folder, but a run's file
+    stray.mkdir()
+    (stray / "config.yaml").write_text("seed: 0\n")
+    assert cli.main(["report", str(run_dir), "--out", str(stray)]) == 2
+    assert capsys.readouterr().err.strip() == (f"cilab: error: --out {stray} holds a run's files (config.yaml); "
+                                               "write the report into another folder")
 
 
 

@@ -271,10 +271,7 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"preset '{name_or_path}' is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"preset '{name_or_path}' is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name_or_path}' must be a YAML mapping of config keys")
     parent = data.pop("extends", None)
@@ -292,10 +289,21 @@ def load_preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str
     return data
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what a YAML parse error is, on one line: ' at line L, column C: problem'
+    (str(e) quotes the offending text over several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(e, 'problem', None) or type(e).__name__}"
+
+
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- preset <- overrides, validated."""
     own = data = load_preset_dict(preset) if preset else {}
     extra = {}
+    if isinstance(overrides, str):  # else each character is taken for an override
+        raise ConfigError(f"overrides must be a list of 'key=value' strings (or a mapping), got the string "
+                          f"{overrides!r}; pass [{overrides!r}]")
     if overrides:
         extra = overrides if isinstance(overrides, dict) else overrides_to_dict(list(overrides))
         data = deep_merge(data, extra)
@@ -405,8 +413,8 @@ def _check_milestones(section: str, epochs: int, milestones: list[int]) -> None:
         fits = min(epochs - 1, max(1, round(0.7 * epochs)))
         raise ConfigError(f"'{section}.milestones' has {m}, outside 1..{epochs - 1} ({section}.epochs={epochs}); "
                           f"lower the milestones, e.g. {section}.milestones=[] or {section}.milestones=[{fits}]")
-    if list(milestones) != sorted(milestones):
-        raise ConfigError(f"'{section}.milestones' must be increasing, got {milestones}")
+    if any(a >= b for a, b in zip(milestones, milestones[1:])):  # a repeat lowers the lr twice at that epoch
+        raise ConfigError(f"'{section}.milestones' must be strictly increasing, got {milestones}")
 
 
 def task_train_config(train_cfg: TrainConfig, t: int) -> TrainConfig:

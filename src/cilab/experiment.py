@@ -63,6 +63,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     """
     out = Path(out)
     log = log or (lambda msg: tqdm.write(msg))
+    if resume and overwrite:  # the command line's --resume and --overwrite exclude each other too
+        raise ConfigError("resume=True continues the run in the folder and overwrite=True deletes it; pass one of them")
     # Everything that can refuse the run is checked before the run folder is
     # touched: the folder first (cheap, before loading data: not a run folder,
     # in use by another run, unwritable), then the device, the data and the task split.

@@ -78,6 +78,9 @@ def _check_complete(source: Path) -> None:
         raise RunFolderError(f"cannot evaluate from {source}: it does not exist")
     if source.is_dir() and not any(source.iterdir()):
         raise RunFolderError(f"cannot evaluate from {source}: it is empty; give a complete run's folder")
+    if not results.is_complete(source) and runfolder.holder(source):
+        raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}; wait for it to "
+                             "finish")
     if not results.is_complete(source):
         raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}, not a complete "
                              "run; finish it first with `cilab run ... --resume` (or `cilab reproduce`, which "

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from . import results, runfolder
-from .aggregate import (CURVE_FIELDS, STD_DDOF, SUMMARY_FIELDS, Run, Variant, check_ddof, common_overrides,
+from .aggregate import (CURVE_FIELDS, RUN_FILES, STD_DDOF, SUMMARY_FIELDS, Run, Variant, check_ddof, common_overrides,
                         curve_rows, find_run_folders, fmt_mean_std, format_summary_table, group_runs,
                         holds_run_files, load_run, mean_std, repeat_notes, spread_note, std_over,
                         summarize_variants, write_csv)
@@ -159,8 +159,9 @@ def make_report(paths: list[str | Path], out: str | Path, *, title: str | None =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a folder; choose another --out")
-    if holds_run_files(out):
-        raise ReportError(f"--out {out} is a run folder; write the report into another folder")
+    if holds_run_files(out):  # a run's files, marker or not: the report must not mix with (or clear) them
+        found = ", ".join(n for n in RUN_FILES if (out / n).exists())
+        raise ReportError(f"--out {out} holds a run's files ({found}); write the report into another folder")
     try:
         runfolder.check_writable(out)  # a file on the way to it, permissions: before any run is read
     except RunFolderError as e:

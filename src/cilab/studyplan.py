@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import results, runfolder, runlock
-from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names
+from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names, yaml_problem
 from .reevaluate import training_key
 from .runspec import RunSpec
 
@@ -40,7 +40,7 @@ def load_groups(path: str | Path | None = None) -> dict[str, dict]:
     try:
         groups = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+        raise ConfigError(f"{where} is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(groups, dict):
         raise ConfigError(f"{where} must map group names to groups")
     for name, g in groups.items():
