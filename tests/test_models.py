@@ -40,15 +40,19 @@ def test_resnet18_feature_maps_and_head_split():
         torch.testing.assert_close(m(x), m.head(f))
 
 
-def test_a_users_backbone_registers_and_runs_through_config():
-    class Tiny(Backbone):
-        def __init__(self, num_classes):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.head = nn.Linear(4, num_classes)
+class Tiny(Backbone):
+    """A user's backbone: a convolution, averaged, and the head."""
 
-        def features(self, x):
-            return self.conv(x).mean(dim=(2, 3))
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, num_classes)
+
+    def features(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_a_users_backbone_registers_and_runs_through_config():
 
     name = "test-tiny-user-net"
     if name not in MODELS:
@@ -89,14 +93,13 @@ def test_a_backbone_without_the_features_head_split_is_refused():
 def test_a_backbone_that_is_not_a_cilab_backbone_is_refused_by_config():
     """A module with features() and head but its own forward(x) passed the check, then failed at the
     first training step: the step calls model(x, with_features=True), which Backbone defines."""
-    class Plain(nn.Module):
+    class Plain(nn.Module):  # Tiny's layers and features(), on a plain module with its own forward
+        features = Tiny.features
+
         def __init__(self, num_classes):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.head = nn.Linear(4, num_classes)
-
-        def features(self, x):
-            return self.conv(x).mean(dim=(2, 3))
+            tiny = Tiny(num_classes)
+            self.conv, self.head = tiny.conv, tiny.head
 
         def forward(self, x):
             return self.head(self.features(x))
