@@ -420,3 +420,32 @@ def test_a_broken_plugin_file_is_named_in_one_line_by_every_command(tmp_path):
     assert done.stderr.splitlines() == [
         f"cilab: error: the plugin {broken} does not import (KeyError: \"method 'icarl' registered twice\"); "
         f"fix it, or move it out of {broken.parent}"]
+
+
+def test_methods_from_outside_cilab_through_cilab_plugins_in_every_command(tmp_path):
+    """A method registered in the user's own file was known to the Python API only: `cilab run`,
+    `cilab evaluate` (and reproduce's workers) could not read its run folder. $CILAB_PLUGINS names it."""
+    import os
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text("from cilab.methods import Method, register\n\n@register('env-plug')\nclass EnvPlug(Method):\n"
+                      "    pass\n")
+    env = {**os.environ, "CILAB_PLUGINS": f"json, {plugin}"}  # a module name and a file
+    cilab = [sys.executable, "-c", "import sys; from cilab.console import main; sys.exit(main())"]
+    quick = ["data.name=digits", *_QUICK_DEMO, "train.val_split=0", "train.keep_best=false"]
+    done = subprocess.run([*cilab, "run", "finetune", "method=env-plug", "--out", str(tmp_path / "r"), "--quiet",
+                           *quick], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["method"] == "env-plug"
+    done = subprocess.run([*cilab, "evaluate", str(tmp_path / "r"), "--out", str(tmp_path / "e"), "eval.fc_scope=seen"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["method"] == "env-plug"
+    env["CILAB_PLUGINS"] = str(tmp_path / "missing.py")
+    done = subprocess.run([*cilab, "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"cilab: error: CILAB_PLUGINS: {tmp_path / 'missing.py'} does not import (FileNotFoundError: [Errno 2] No "
+        f"such file or directory: '{tmp_path / 'missing.py'}'); fix it, or take it out of CILAB_PLUGINS"]

@@ -27,8 +27,13 @@ from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, U
 from .memory import EXEMPLAR_BUILDERS, SELECTIONS
 from .methods import METHODS
 from .models import MODELS, check_image_size
+from .registry import import_user_plugins
 from .schema import from_dict
 from .tracking import check_installed
+
+# $CILAB_PLUGINS: a user's methods, backbones, ... from outside cilab, registered before any config
+# is built, in every process (the command line, reproduce's workers, a script).
+import_user_plugins()
 
 
 SEED_LIMIT = 2**32  # scikit-learn's random_state (svm, mlp classifiers) takes seeds below 2**32
