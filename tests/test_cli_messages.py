@@ -371,6 +371,9 @@ def test_demo_refuses_a_folder_holding_another_runs_results_and_keeps_them(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["finetune"]  # and nothing else was trained
     assert cli.main(["demo", "--out", str(out), "--quiet", "--overwrite", *_QUICK_DEMO]) == 0
     assert json.loads((out / "finetune" / "metrics.json").read_text())["seed"] == 0  # the demo's own run now
+    done = {m: (out / m / "metrics.json").read_text() for m in ("finetune", "joint", "lwf", "icarl")}
+    assert cli.main(["demo", "--out", str(out), "--quiet", "--overwrite", *_QUICK_DEMO]) == 0
+    assert {m: (out / m / "metrics.json").read_text() for m in done} == done  # its own runs are kept, not retrained
 
 
 def test_demo_checks_every_runs_overrides_before_training_any(tmp_path, capsys):
@@ -449,3 +452,33 @@ def test_methods_from_outside_cilab_through_cilab_plugins_in_every_command(tmp_p
     assert done.stderr.splitlines() == [
         f"cilab: error: CILAB_PLUGINS: {tmp_path / 'missing.py'} does not import (FileNotFoundError: [Errno 2] No "
         f"such file or directory: '{tmp_path / 'missing.py'}'); fix it, or take it out of CILAB_PLUGINS"]
+
+
+def test_knn_asking_more_neighbours_than_the_exemplars_after_some_task_is_refused_before_training(tmp_path, capsys):
+    """k <= memory.size is not enough: 100 exemplars over 6 digits are 16 a class, 96 in all, and kNN
+    with k = 100 failed at task 6, after the training of every task before it."""
+    from cilab import cli
+
+    out = tmp_path / "knn"
+    assert cli.main(["run", "icarl", "--out", str(out), "--quiet", "data.name=digits", "memory.size=100",
+                     "scenario.num_tasks=10", "eval.classifiers=[nme,knn]", "eval.knn.k=100", "train.epochs=1",
+                     "train.milestones=[]"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cilab: error: eval.knn.k=100 neighbours vote among the exemplars, and after task 6 there are 96 "
+        "(memory.size=100 // 6 classes = 16 a class, fewer where a class has fewer images); choose eval.knn.k <= 96")
+    assert not out.exists()
+
+
+def test_a_finished_runs_small_memory_still_gives_its_split_to_reports_and_evaluations():
+    """The memory.size refusal is for runs about to train: a run an older cilab finished with
+    memory.size=5 on digits still has its task split, which report figures and evaluations read."""
+    from cilab.config import DataConfig
+    from cilab.data import Scenario, load_dataset
+    from cilab.workload import exemplar_problem
+
+    cfg = build_config("icarl", ["data.name=digits", "memory.size=5", "scenario.num_tasks=5"])
+    data = load_dataset(DataConfig(name="digits"))
+    scenario = Scenario.for_run(cfg, data)
+    assert scenario.tasks[0] == scenario.class_order[:2]
+    assert exemplar_problem(cfg, scenario, data.y_train, training=False) is None
+    assert exemplar_problem(cfg, scenario, data.y_train).startswith("memory.size=5 keeps no exemplar")

@@ -152,6 +152,20 @@ def test_ewc_fisher_is_per_image_and_the_batch_estimate_loses_what_cancels_in_a_
     assert torch.allclose(_fisher(x, y, fisher_batch=3), torch.tensor([[0.25], [0.25]]))
 
 
+@pytest.mark.parametrize("estimator", ["per_sample", "batch"])
+def test_ewc_fisher_of_a_frozen_parameter_is_zero(estimator):
+    # the bias is frozen: no gradient, no penalty on it; the weight's Fisher is 1/4 as above
+    model = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        model.weight.zero_(), model.bias.zero_()
+    model.bias.requires_grad_(False)
+    x, y = torch.ones(4, 1), torch.zeros(4, dtype=torch.int64)
+    ctx = _ctx(model, 0, 2, data=lambda lo, hi: (x, y), normalize=lambda v: v)
+    weight, bias = EWC(EWCArgs(fisher_batch=2, fisher_estimator=estimator)).fisher(ctx)
+    assert torch.allclose(weight, torch.tensor([[0.25], [0.25]]))
+    assert torch.equal(bias, torch.zeros(2))
+
+
 def test_ewc_fisher_with_labels_drawn_from_the_model_is_the_papers_expectation():
     # w0 = ln 3, x = 1: p = (3/4, 1/4). Label 0 gives gradients (p_0 - 1, p_1) = (-1/4, 1/4), squared
     # 1/16; label 1 gives (p_0, p_1 - 1) = (3/4, -3/4), squared 9/16. With the data's labels (all 0)

@@ -46,7 +46,7 @@ class Tiny(Backbone):
     def __init__(self, num_classes):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, num_classes)
+        self.add_head(4, num_classes)  # .head and .feature_dim
 
     def features(self, x):
         return self.conv(x).mean(dim=(2, 3))
@@ -62,6 +62,11 @@ def test_a_users_backbone_registers_and_runs_through_config():
 
     cfg = build_config("finetune", [f"model.name={name}", "data.name=digits"])
     model = create_model(cfg.model, 10, 32)
+    # LUCIR's preset drops the last ReLU: refused when the config is built, not when the network is
+    with pytest.raises(ConfigError, match=rf"model.last_relu=false, but model.name={name}'s factory takes no "
+                                          r"last_relu; give it a last_relu argument, or pass model.last_relu=true"):
+        build_config("lucir", [f"model.name={name}", "data.name=digits"])
+    build_config("lucir", [f"model.name={name}", "data.name=digits", "model.last_relu=true"])
     assert isinstance(model, Tiny) and model.head.out_features == 10
 
 
@@ -70,7 +75,7 @@ def test_a_backbone_that_fails_at_the_size_is_refused_by_config():
         def __init__(self, num_classes):
             super().__init__()
             self.fc = nn.Linear(3 * 32 * 32, 8)
-            self.head = nn.Linear(8, num_classes)
+            self.add_head(8, num_classes)
 
         def features(self, x):
             return self.fc(x.flatten(1))
@@ -107,6 +112,20 @@ def test_a_backbone_that_is_not_a_cilab_backbone_is_refused_by_config():
     name = "test-plain-module-net"
     if name not in MODELS:
         MODELS.register(name)(lambda num_classes: Plain(num_classes))
-    with pytest.raises(ConfigError, match=r"it is a Plain, not a cilab.models.Backbone \(the training step calls "
+    with pytest.raises(ConfigError, match=r"its forward takes no with_features \(the training step calls "
                                           r"model\(x, with_features=True\)\); subclass cilab.models.Backbone"):
         build_config("finetune", [f"model.name={name}", "data.name=digits"])
+
+    class NoDim(Backbone):  # a Backbone whose head was set by hand: LUCIR, PODNet, DER read feature_dim
+        features = Tiny.features
+
+        def __init__(self, num_classes):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, num_classes)
+
+    name = "test-no-feature-dim-net"
+    if name not in MODELS:
+        MODELS.register(name)(lambda num_classes: NoDim(num_classes))
+    with pytest.raises(ConfigError, match=r"its feature_dim is None but features\(\) gives 4; set "
+                                          r"self.feature_dim = 4 \(Backbone.add_head"):
+        build_config("lucir", [f"model.name={name}", "data.name=digits"])

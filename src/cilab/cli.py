@@ -97,8 +97,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every run")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-task accuracy lines")
     p.add_argument("--overwrite", action="store_true",
-                   help="start every run again, replacing what its folder holds (default: a demo run cut short "
-                        "goes on, a finished one is kept, another run's folder is refused)")
+                   help="replace the folders that hold another run (other settings); without it they are refused. "
+                        "The demo's own runs are kept, and one cut short goes on")
     p.set_defaults(func=cmd_demo)
 
 
@@ -112,22 +112,21 @@ def cmd_demo(args) -> int:
     for method, extra in DEMO_METHODS.items():  # every run's config and folder checked before any trains
         overrides = DEMO_OVERRIDES + extra + list(args.overrides)
         cfg = build_config(method, overrides)
-        _check_demo_folder(args.out / method, cfg, args.overwrite)
-        plans.append((method, overrides, cfg))
+        plans.append((method, overrides, cfg, _demo_folder_holds_another(args.out / method, cfg, args.overwrite)))
     runs = {}
     try:
-        for method, overrides, cfg in plans:
+        for method, overrides, cfg, another in plans:
             folder = args.out / method
-            if not args.overwrite and results.is_complete(folder) \
-                    and results.read_metrics(folder).get("overrides") == overrides:
+            if not another and results.is_complete(folder) and results.read_metrics(folder).get("overrides") == overrides:
                 runs[method] = results.read_metrics(folder)  # already done: a second `make demo` is instant
                 continue
             print(f"== {method}")
-            # a demo run cut short goes on where it stopped; --overwrite starts every run again
-            runs[method] = run(cfg, folder, resume=not args.overwrite, overwrite=args.overwrite,
-                               progress=not args.quiet, meta={"preset": method, "overrides": overrides})
+            # the demo's own run cut short goes on where it stopped; another run's folder (--overwrite) is cleared
+            runs[method] = run(cfg, folder, resume=not another, overwrite=another, progress=not args.quiet,
+                               meta={"preset": method, "overrides": overrides})
     except KeyboardInterrupt:
-        cmd = " ".join(["cilab", "demo", "--out", shlex.quote(str(args.out)), *map(shlex.quote, args.overrides)])
+        cmd = " ".join(["cilab", "demo", "--out", shlex.quote(str(args.out)), *map(shlex.quote, args.overrides),
+                        *(["--overwrite"] if args.overwrite else [])])
         print(f"\ninterrupted; the completed tasks are saved in {args.out}. Continue with:\n  {cmd}", file=sys.stderr)
         return 130
     plot = plot_comparison(runs, args.out / "demo.png", "cilab demo: digits, 5 tasks of 2 classes")
@@ -137,17 +136,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _check_demo_folder(folder: Path, cfg, overwrite: bool) -> None:
-    """Refuse, before any run trains, a folder whose results the demo would lose: one holding
-    another run (a demo with other settings, a run put there), unless --overwrite."""
+def _demo_folder_holds_another(folder: Path, cfg, overwrite: bool) -> bool:
+    """Whether ``folder`` holds another run than the demo's ``cfg`` (a demo with other settings, a run
+    put there), which --overwrite replaces; without it, refused before any run trains. The demo's
+    own run there is kept, or resumed."""
     from . import runfolder
 
-    if not overwrite and runfolder.is_run_folder(folder):
-        conflict = runfolder.config_conflict(folder, cfg)
-        if conflict:
-            raise runfolder.RunFolderError(f"{folder} holds another run than the demo's ({conflict}); pass "
-                                           "--overwrite to replace it, or choose another --out")
-    runfolder.check(folder, cfg, resume=not overwrite, overwrite=overwrite)  # not a run folder, in use, ...
+    conflict = runfolder.is_run_folder(folder) and runfolder.config_conflict(folder, cfg)
+    if conflict and not overwrite:
+        raise runfolder.RunFolderError(f"{folder} holds another run than the demo's ({conflict}); pass "
+                                       "--overwrite to replace it, or choose another --out")
+    runfolder.check(folder, cfg, resume=not conflict, overwrite=bool(conflict))  # not a run folder, in use, ...
+    return bool(conflict)
 
 
 # -- entry point -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -447,6 +448,10 @@ def _check_image_data(cfg: Config) -> None:
     problem = check_image_size(cfg.model.name, d.image_size)
     if problem:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={d.image_size}: {problem}")
+    if not cfg.model.last_relu and "last_relu" not in inspect.signature(MODELS[cfg.model.name]).parameters:
+        # LUCIR's and PODNet's presets drop the last ReLU; a user's factory without the option cannot
+        raise ConfigError(f"model.last_relu=false, but model.name={cfg.model.name}'s factory takes no last_relu; "
+                          "give it a last_relu argument, or pass model.last_relu=true")
     if cfg.memory.kind == "deepinversion" and d.image_size != 32:
         raise ConfigError(f"memory.kind=deepinversion synthesises 32x32 images, but data.image_size={d.image_size}; "
                           "use data.image_size=32 or another memory.kind")

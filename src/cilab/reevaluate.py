@@ -41,6 +41,7 @@ from .evaluation import single_class_notes_in
 from .experiment import Protocol, load_run_data
 from .runtime import Runtime
 from .results import RunFolderError
+from .workload import exemplar_problem
 
 EVAL_ONLY = ("classifiers", "knn", "svm", "mlp", "fc_scope")  # the eval keys no part of training reads
 
@@ -113,6 +114,9 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
             scenario = Scenario.for_run(cfg, data)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        problem = exemplar_problem(cfg, scenario, data.y_train, training=False)  # the source's memory, as it is
+        if problem:
+            raise ConfigError(f"cannot evaluate from {source}: {problem}")
         with runfolder.claim(out, cfg, False, overwrite, log, resumable=False, planned_for=planned_for):
             results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
             with runtime.applied():

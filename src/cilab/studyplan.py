@@ -21,6 +21,7 @@ from . import results, runfolder, runlock
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names, yaml_problem
 from .reevaluate import training_key
 from .runspec import RunSpec
+from .workload import exemplar_problem
 
 GROUPS_FILE = "groups.yaml"
 
@@ -274,9 +275,12 @@ def check_datasets(specs: list[RunSpec], download: bool = True) -> list[str]:
         if seen[key] is None:
             continue
         try:
-            Scenario.for_run(s.cfg, seen[key])
+            scenario = Scenario.for_run(s.cfg, seen[key])
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
+        problem = exemplar_problem(s.cfg, scenario, seen[key].y_train, training=s.action not in ("copy", "evaluate"))
+        if problem:
+            raise ConfigError(f"{s.name}: {problem}")
     return notes
 
 

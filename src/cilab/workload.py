@@ -16,6 +16,8 @@ and ``cilab reproduce`` starts the longest runs first by it.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .config import task_train_config
 from .data import Scenario
 from .memory.collage import COLLAGES, IMAGES_PER_COLLAGE
@@ -37,3 +39,37 @@ def run_images(cfg, classes: int = 100, per_class: int = 500) -> int:
         held_out = max(1, round(train_cfg.val_split * (task + memory))) if train_cfg.val_split > 0 else 0
         total += train_cfg.epochs * (task + memory - held_out)
     return total
+
+
+def exemplar_problem(cfg, scenario: Scenario, y_train, *, training: bool = True) -> str | None:
+    """Why the exemplar memory of ``cfg`` cannot serve its run on this split (None: it can), before any work.
+
+    After task t each of the n_seen classes keeps K // n_seen exemplars (fewer where the class has
+    fewer training images; a collage takes 4). ``training``: a run about to train, whose
+    memory.size must leave every class an exemplar (with none, NME guesses and an SVM fails at
+    that task); a finished run's memory, evaluated again, is what it is. kNN votes among the
+    exemplars, so its k must not exceed the fewest there are after any task.
+    """
+    k = cfg.memory.size
+    if k == 0:
+        return None
+    n = scenario.num_classes
+    if training and k < n:
+        return (f"memory.size={k} keeps no exemplar of a class once more than {k} of the {n} classes are seen "
+                f"(memory.size // classes seen each); choose memory.size >= {n}, or 0 for no exemplars")
+    if "knn" not in cfg.eval.classifiers:
+        return None
+    counts = np.bincount(np.asarray(y_train), minlength=n)[scenario.class_order]  # training images of output i
+    if cfg.memory.kind in COLLAGES:
+        counts = counts // IMAGES_PER_COLLAGE
+    elif cfg.memory.kind != "real":  # synthesised (DeepInversion): the quota whatever the images
+        counts = np.full(n, k)
+    kept = [(int(np.minimum(counts[: scenario.seen(t)], k // scenario.seen(t)).sum()), t)
+            for t in range(scenario.num_tasks)]
+    fewest, t = min(kept)
+    if cfg.eval.knn.k <= fewest:
+        return None
+    seen = scenario.seen(t)
+    return (f"eval.knn.k={cfg.eval.knn.k} neighbours vote among the exemplars, and after task {t + 1} there are "
+            f"{fewest} (memory.size={k} // {seen} classes = {k // seen} a class, fewer where a class has fewer "
+            f"images); choose eval.knn.k <= {fewest}")

@@ -58,12 +58,8 @@ class Scenario:
     def for_run(cls, cfg, data) -> "Scenario":
         """The split of ``data`` that a run of ``cfg`` trains on (its scenario section and seed): the one
         place runs, reports and plans build it, so that each refuses (ValueError) what the others would."""
-        k, n = cfg.memory.size, data.num_classes
-        if 0 < k < n:  # the fixed budget keeps K // seen a class: zero, and NME guesses, SVM fails
-            raise ValueError(f"memory.size={k} keeps no exemplar of a class once more than {k} of the {n} classes "
-                             f"are seen (memory.size // classes seen each); choose memory.size >= {n}, or 0 "
-                             "for no exemplars")
-        return cls.from_seed(n, cfg.scenario.num_tasks, cfg.seed, data.class_names, cfg.scenario.first_task_classes)
+        return cls.from_seed(data.num_classes, cfg.scenario.num_tasks, cfg.seed, data.class_names,
+                             cfg.scenario.first_task_classes)
 
     @property
     def num_classes(self) -> int:

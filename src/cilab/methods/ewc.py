@@ -49,7 +49,8 @@ from .base import Method, Outputs, TaskContext, register
 class EWCArgs:
     lambda_: float = 10.0  # strength of the penalty (with normalize_fisher: keep lr * lambda_ < 3.8)
     mode: str = "per_task"  # per_task (the paper) | online (one Fisher sum, latest anchor)
-    fisher_batch: int = 64  # images a chunk of per-image gradients (per_sample) or a mini-batch (batch)
+    fisher_batch: int = 64  # images a chunk of per-image gradients (per_sample: memory ~ fisher_batch x the
+    # parameters, 120 MB for ResNet-32, 2.9 GB for ResNet-18) or a mini-batch (batch)
     normalize_fisher: bool = True  # divide each task's Fisher by its largest entry (see the module doc)
     fisher_estimator: str = "per_sample"  # per_sample (each image's gradient) | batch (mini-batch gradients)
     fisher_labels: str = "data"  # data (the empirical Fisher) | model (labels drawn from the model: the paper's)
@@ -114,15 +115,18 @@ class EWC(Method):
         """Sum over the chunk of each image's squared gradient, per parameter (torch.func)."""
         from torch.func import functional_call, grad, vmap
 
-        params = {n: p.detach() for n, p in model.named_parameters()}
+        # Only what trains: a frozen parameter keeps a zero Fisher, as in the batch estimate. The
+        # others are read from the module (functional_call takes a partial mapping).
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         buffers = dict(model.named_buffers())  # eval mode: BatchNorm reads its running statistics
 
         def loss(p, xi, yi):
             z = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
             return F.cross_entropy(z[:, :n_seen].float(), yi.unsqueeze(0))
 
-        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, xb, yb)
-        return [g[n].float().pow(2).sum(0) for n in names]
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, xb, yb)  # fisher_batch x each parameter's size
+        zero = torch.zeros((), device=xb.device)
+        return [g[n].float().pow_(2).sum(0) if n in g else zero for n in names]  # squared in place: no second copy
 
     @staticmethod
     def _batch_squared(model, names, xb, yb, n_seen) -> list[torch.Tensor]:

@@ -235,9 +235,13 @@ def _meta_forward_problem(factory, name: str, image_size: int) -> str | None:
             logits = model.head(feats)
     except Exception as e:  # any failure of a user's backbone is reported, not raised from deep inside
         return f"a forward pass on {image_size}x{image_size} images fails ({type(e).__name__}: {e})"
-    if not isinstance(model, Backbone):  # else it fails at the first training step, after the data is loaded
-        return (f"it is a {type(model).__name__}, not a cilab.models.Backbone (the training step calls "
-                "model(x, with_features=True)); subclass cilab.models.Backbone and define features and head")
+    # else it fails at the first training step, or where LUCIR, PODNet, DER build on it, after the data is loaded
+    if "with_features" not in inspect.signature(model.forward).parameters:
+        return (f"its forward takes no with_features (the training step calls model(x, with_features=True)); "
+                "subclass cilab.models.Backbone, which gives that forward, and define features and head")
+    if getattr(model, "feature_dim", None) != feats.shape[1]:
+        return (f"its feature_dim is {getattr(model, 'feature_dim', None)} but features() gives {feats.shape[1]}; "
+                f"set self.feature_dim = {feats.shape[1]} (Backbone.add_head(d, num_classes) sets it and the head)")
     if feats.dim() != 2 or feats.shape[0] != 2 or tuple(logits.shape) != (2, 3):
         return (f"features() gave {tuple(feats.shape)} and head {tuple(logits.shape)} for 2 images and 3 classes; "
                 "cilab needs features(x) -> N x d and head(features) -> N x classes")
