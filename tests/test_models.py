@@ -109,12 +109,8 @@ def test_a_backbone_that_is_not_a_cilab_backbone_is_refused_by_config():
         def forward(self, x):
             return self.head(self.features(x))
 
-    name = "test-plain-module-net"
-    if name not in MODELS:
-        MODELS.register(name)(lambda num_classes: Plain(num_classes))
-    with pytest.raises(ConfigError, match=r"its forward takes no with_features \(the training step calls "
-                                          r"model\(x, with_features=True\)\); subclass cilab.models.Backbone"):
-        build_config("finetune", [f"model.name={name}", "data.name=digits"])
+    _refused_by_config("test-plain-module-net", Plain, "finetune", r"its forward takes no with_features \(the "
+                       r"training step calls model\(x, with_features=True\)\); subclass cilab.models.Backbone")
 
     class NoDim(Backbone):  # a Backbone whose head was set by hand: LUCIR, PODNet, DER read feature_dim
         features = Tiny.features
@@ -123,9 +119,13 @@ def test_a_backbone_that_is_not_a_cilab_backbone_is_refused_by_config():
             super().__init__()
             self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, num_classes)
 
-    name = "test-no-feature-dim-net"
+    _refused_by_config("test-no-feature-dim-net", NoDim, "lucir",
+                       r"its feature_dim is None but features\(\) gives 4; set self.feature_dim = 4 \(Backbone.add_head")
+
+
+def _refused_by_config(name, net, preset, match):
+    """``net`` registered as ``name`` is refused when a ``preset`` config is built, with ``match``."""
     if name not in MODELS:
-        MODELS.register(name)(lambda num_classes: NoDim(num_classes))
-    with pytest.raises(ConfigError, match=r"its feature_dim is None but features\(\) gives 4; set "
-                                          r"self.feature_dim = 4 \(Backbone.add_head"):
-        build_config("lucir", [f"model.name={name}", "data.name=digits"])
+        MODELS.register(name)(lambda num_classes: net(num_classes))
+    with pytest.raises(ConfigError, match=match):
+        build_config(preset, [f"model.name={name}", "data.name=digits"])

@@ -237,7 +237,7 @@ def _meta_forward_problem(factory, name: str, image_size: int) -> str | None:
         return f"a forward pass on {image_size}x{image_size} images fails ({type(e).__name__}: {e})"
     # else it fails at the first training step, or where LUCIR, PODNet, DER build on it, after the data is loaded
     if "with_features" not in inspect.signature(model.forward).parameters:
-        return (f"its forward takes no with_features (the training step calls model(x, with_features=True)); "
+        return ("its forward takes no with_features (the training step calls model(x, with_features=True)); "
                 "subclass cilab.models.Backbone, which gives that forward, and define features and head")
     if getattr(model, "feature_dim", None) != feats.shape[1]:
         return (f"its feature_dim is {getattr(model, 'feature_dim', None)} but features() gives {feats.shape[1]}; "
