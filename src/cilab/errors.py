@@ -18,5 +18,5 @@ class ReportError(RuntimeError):
 
 
 class PluginError(ImportError):
-    """A module in one of cilab's plugin folders (methods/, memory/) that does not import; the
-    message names the file. Raised while cilab itself imports, before any command runs."""
+    """A plugin that does not import, in one of cilab's plugin folders (methods/, memory/) or named
+    in $CILAB_PLUGINS; the message names it. Raised while cilab itself imports, before any command runs."""
