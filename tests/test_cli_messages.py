@@ -482,3 +482,23 @@ def test_a_finished_runs_small_memory_still_gives_its_split_to_reports_and_evalu
     assert scenario.tasks[0] == scenario.class_order[:2]
     assert exemplar_problem(cfg, scenario, data.y_train, training=False) is None
     assert exemplar_problem(cfg, scenario, data.y_train).startswith("memory.size=5 keeps no exemplar")
+
+
+def test_a_ctrl_c_prints_the_command_that_goes_on(tmp_path, capsys, monkeypatch):
+    """`cilab run` and `cilab demo` cut short: what is saved, and the command that continues, quoted
+    for the shell (the demo's keeps --overwrite, which replaces only other runs' folders)."""
+    from cilab import experiment
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", stopped)
+    out = tmp_path / "my runs"
+    assert cli.main(["run", "icarl", "--out", str(out / "r"), "train.milestones=[2, 3]", "train.epochs=4"]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "interrupted; no task was completed yet. Continue with:",
+        f"  cilab run icarl 'train.milestones=[2, 3]' train.epochs=4 --out '{out / 'r'}' --resume"]
+    assert cli.main(["demo", "--out", str(out), "--overwrite", "seed=3"]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"interrupted; the completed tasks are saved in {out}. Continue with:",
+        f"  cilab demo --out '{out}' seed=3 --overwrite"]

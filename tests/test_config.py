@@ -75,11 +75,6 @@ def test_impossible_combinations():
         build_config("lwf", ["memory.size=2000"])
     with pytest.raises(ConfigError, match="fitted on exemplars"):
         build_config("lwf", ["eval.classifiers=[nme]"])
-    # kNN votes among the exemplars: more neighbours than exemplars failed after task 1's training
-    with pytest.raises(ConfigError, match=r"eval.knn.k=500 neighbours vote among at most memory.size=100 "
-                                          r"exemplars; choose eval.knn.k <= 100"):
-        build_config("icarl", ["memory.size=100", "eval.classifiers=[nme,knn]", "eval.knn.k=500"])
-    build_config("icarl", ["memory.size=100", "eval.classifiers=[nme]", "eval.knn.k=500"])  # kNN not asked for
     with pytest.raises(ConfigError, match="unknown preset 'icarl-hybrid'"):
         build_config("icarl-hybrid")
 

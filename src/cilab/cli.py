@@ -58,15 +58,18 @@ def cmd_run(args) -> int:
 
         # Ctrl-C: the experiment has already saved what is complete (and marked
         # metrics.json 'interrupted'); say how far it got and how to go on.
-        cmd = " ".join(["cilab", "run", shlex.quote(args.preset), *map(shlex.quote, args.overrides),
-                        "--out", shlex.quote(str(args.out)), "--resume"])
         last = results.last_checkpoint(args.out) if args.out.is_dir() else None
         done = f"{last[0] + 1} completed task(s) are saved in {args.out}" if last else "no task was completed yet"
-        print(f"\ninterrupted; {done}. Continue with:\n  {cmd}", file=sys.stderr)
-        return 130
+        return _interrupted(done, ["run", args.preset, *args.overrides, "--out", str(args.out), "--resume"])
     print(format_run_table({args.out.name: metrics}))
     print(f"results in {args.out}")
     return 0
+
+
+def _interrupted(done: str, argv: list[str]) -> int:
+    """After a Ctrl-C: what is saved, and the cilab command (``argv``) that goes on from there."""
+    print(f"\ninterrupted; {done}. Continue with:\n  cilab {' '.join(map(shlex.quote, argv))}", file=sys.stderr)
+    return 130
 
 
 # -- cilab demo --------------------------------------------------------------------------
@@ -125,10 +128,8 @@ def cmd_demo(args) -> int:
             runs[method] = run(cfg, folder, resume=not another, overwrite=another, progress=not args.quiet,
                                meta={"preset": method, "overrides": overrides})
     except KeyboardInterrupt:
-        cmd = " ".join(["cilab", "demo", "--out", shlex.quote(str(args.out)), *map(shlex.quote, args.overrides),
-                        *(["--overwrite"] if args.overwrite else [])])
-        print(f"\ninterrupted; the completed tasks are saved in {args.out}. Continue with:\n  {cmd}", file=sys.stderr)
-        return 130
+        return _interrupted(f"the completed tasks are saved in {args.out}",
+                            ["demo", "--out", str(args.out), *args.overrides, *(["--overwrite"] if args.overwrite else [])])
     plot = plot_comparison(runs, args.out / "demo.png", "cilab demo: digits, 5 tasks of 2 classes")
     print()
     print(format_run_table(runs))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import inspect
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +26,7 @@ from .data.datasets import DATASETS
 from .losses import CE_BCE_INPUTS, CLASSIFICATIONS, DISTILLATIONS, LOSS_PAIRS, UNSEEN_OUTPUTS
 from .memory import EXEMPLAR_BUILDERS, SELECTIONS
 from .methods import METHODS
-from .models import MODELS, check_image_size
+from .models import MODELS, check_image_size, factory_options
 from .registry import import_user_plugins
 from .schema import from_dict
 from .tracking import check_installed
@@ -448,7 +447,7 @@ def _check_image_data(cfg: Config) -> None:
     problem = check_image_size(cfg.model.name, d.image_size)
     if problem:
         raise ConfigError(f"model.name={cfg.model.name} cannot take data.image_size={d.image_size}: {problem}")
-    if not cfg.model.last_relu and "last_relu" not in inspect.signature(MODELS[cfg.model.name]).parameters:
+    if not cfg.model.last_relu and "last_relu" not in factory_options(cfg.model.name):
         # LUCIR's and PODNet's presets drop the last ReLU; a user's factory without the option cannot
         raise ConfigError(f"model.last_relu=false, but model.name={cfg.model.name}'s factory takes no last_relu; "
                           "give it a last_relu argument, or pass model.last_relu=true")
@@ -567,9 +566,6 @@ def validate(cfg: Config) -> None:
             f"classifiers {needs_memory} are fitted on exemplars but memory.size=0; "
             "use eval.classifiers=[fc] or a method with memory (icarl)"
         )
-    if "knn" in ev.classifiers and 0 < mem.size < ev.knn.k:  # scikit-learn would fail after the task's training
-        raise ConfigError(f"eval.knn.k={ev.knn.k} neighbours vote among at most memory.size={mem.size} exemplars; "
-                          f"choose eval.knn.k <= {mem.size}")
 
 
 def _refuse_unread_loss_settings(cfg: Config, asked: dict | None) -> None:

@@ -45,7 +45,7 @@ from .results import RunFolderError  # noqa: F401 - the CLI's user errors name i
 from .runtime import Runtime
 from .tracking import Trackers
 from .trainer import train_task
-from .workload import exemplar_problem
+from .workload import checked_scenario
 
 
 def _sync(device: torch.device) -> None:
@@ -77,12 +77,9 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     runtime = Runtime.resolve(cfg.train)  # refuses cuda without a GPU (and the like) before any work
     data = load_run_data(cfg.data)  # refuses missing / broken data before any work
     try:
-        scenario = Scenario.for_run(cfg, data)
+        scenario = checked_scenario(cfg, data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    problem = exemplar_problem(cfg, scenario, data.y_train)
-    if problem:
-        raise ConfigError(problem)
     # Locked for the life of the run: a second run on `out` is refused at once.
     with runfolder.claim(out, cfg, resume, overwrite, log):
         results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())

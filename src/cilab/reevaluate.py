@@ -36,12 +36,11 @@ from tqdm.auto import tqdm
 from . import results, runfolder, runlock
 from .aggregate import format_run_table
 from .config import Config, ConfigError, config_from_dict, deep_merge, overrides_to_dict
-from .data import Scenario
 from .evaluation import single_class_notes_in
 from .experiment import Protocol, load_run_data
 from .runtime import Runtime
 from .results import RunFolderError
-from .workload import exemplar_problem
+from .workload import checked_scenario
 
 EVAL_ONLY = ("classifiers", "knn", "svm", "mlp", "fc_scope")  # the eval keys no part of training reads
 
@@ -79,10 +78,10 @@ def _check_complete(source: Path) -> None:
         raise RunFolderError(f"cannot evaluate from {source}: it does not exist")
     if source.is_dir() and not any(source.iterdir()):
         raise RunFolderError(f"cannot evaluate from {source}: it is empty; give a complete run's folder")
-    if not results.is_complete(source) and runfolder.holder(source):
-        raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}; wait for it to "
-                             "finish")
     if not results.is_complete(source):
+        if runfolder.holder(source):  # still training: resuming it is not the advice
+            raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}; wait for it "
+                                 "to finish")
         raise RunFolderError(f"cannot evaluate from {source}: it holds {runfolder.describe(source)}, not a complete "
                              "run; finish it first with `cilab run ... --resume` (or `cilab reproduce`, which "
                              "resumes it)")
@@ -111,12 +110,9 @@ def evaluate_run(cfg: Config, source: str | Path, out: str | Path, *, overwrite:
         runtime = Runtime.resolve(cfg.train)
         data = load_run_data(cfg.data)
         try:
-            scenario = Scenario.for_run(cfg, data)
+            scenario = checked_scenario(cfg, data, training=False)  # the source's memory, as it is
         except ValueError as e:
-            raise ConfigError(str(e)) from None
-        problem = exemplar_problem(cfg, scenario, data.y_train, training=False)  # the source's memory, as it is
-        if problem:
-            raise ConfigError(f"cannot evaluate from {source}: {problem}")
+            raise ConfigError(f"cannot evaluate from {source}: {e}") from None
         with runfolder.claim(out, cfg, False, overwrite, log, resumable=False, planned_for=planned_for):
             results.atomic_write_yaml(out / results.CONFIG, cfg.to_dict())
             with runtime.applied():

@@ -21,7 +21,7 @@ from . import results, runfolder, runlock
 from .config import Config, ConfigError, build_config, overrides_to_dict, preset_names, yaml_problem
 from .reevaluate import training_key
 from .runspec import RunSpec
-from .workload import exemplar_problem
+from .workload import checked_scenario
 
 GROUPS_FILE = "groups.yaml"
 
@@ -255,7 +255,7 @@ def check_datasets(specs: list[RunSpec], download: bool = True) -> list[str]:
     ``download=False`` (a dry run: a plan fetches nothing) checks only the data already here; of
     data the runs would download, it returns a note, and their task splits are checked when they
     start."""
-    from .data import DatasetNotHere, Scenario, load_dataset
+    from .data import DatasetNotHere, load_dataset
 
     seen: dict[str, object] = {}
     notes: list[str] = []
@@ -275,12 +275,9 @@ def check_datasets(specs: list[RunSpec], download: bool = True) -> list[str]:
         if seen[key] is None:
             continue
         try:
-            scenario = Scenario.for_run(s.cfg, seen[key])
+            checked_scenario(s.cfg, seen[key], training=s.action not in ("copy", "evaluate"))
         except ValueError as e:
             raise ConfigError(f"{s.name}: {e}") from None
-        problem = exemplar_problem(s.cfg, scenario, seen[key].y_train, training=s.action not in ("copy", "evaluate"))
-        if problem:
-            raise ConfigError(f"{s.name}: {problem}")
     return notes
 
 

@@ -41,6 +41,18 @@ def run_images(cfg, classes: int = 100, per_class: int = 500) -> int:
     return total
 
 
+def checked_scenario(cfg, data, *, training: bool = True) -> Scenario:
+    """The task split of a run of ``cfg`` on ``data`` (Scenario.for_run), refused (ValueError) where it
+    or the run's exemplar memory cannot serve it (:func:`exemplar_problem`): for the runs about to
+    train (``training``) or be evaluated again, before any work. Reports and figures, which read
+    finished runs as they are, take Scenario.for_run alone."""
+    scenario = Scenario.for_run(cfg, data)
+    problem = exemplar_problem(cfg, scenario, data.y_train, training=training)
+    if problem:
+        raise ValueError(problem)
+    return scenario
+
+
 def exemplar_problem(cfg, scenario: Scenario, y_train, *, training: bool = True) -> str | None:
     """Why the exemplar memory of ``cfg`` cannot serve its run on this split (None: it can), before any work.
 

@@ -8,7 +8,9 @@
 """
 
 from . import resnet18 as _resnet18  # noqa: F401  (registers resnet18, resnet18-cifar, resnet18-imagenet)
-from .resnet import MODELS, Backbone, Outputs, ResNetCifar, StagedResNet, build_model, check_image_size, create_model
+from .resnet import (MODELS, Backbone, Outputs, ResNetCifar, StagedResNet, build_model, check_image_size, create_model,
+                     factory_options)
 from .resnet18 import ResNet18
 
-__all__ = ["MODELS", "Backbone", "Outputs", "ResNetCifar", "ResNet18", "StagedResNet", "build_model", "check_image_size", "create_model"]
+__all__ = ["MODELS", "Backbone", "Outputs", "ResNetCifar", "ResNet18", "StagedResNet", "build_model", "check_image_size", "create_model",
+           "factory_options"]

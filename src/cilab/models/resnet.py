@@ -184,11 +184,17 @@ def resnet20(num_classes: int, image_size: int = 32, last_relu: bool = True) -> 
 resnet32.min_image_size = resnet20.min_image_size = 4
 
 
+def factory_options(name: str) -> set[str]:
+    """Which of image_size and last_relu ``MODELS[name]``'s factory takes (a user's backbone made for
+    one size takes neither)."""
+    return set(inspect.signature(MODELS[name]).parameters) & {"image_size", "last_relu"}
+
+
 def build_model(name: str, num_classes: int, image_size: int = 32, last_relu: bool = True) -> nn.Module:
     """``MODELS[name]`` called as ``(num_classes, image_size=..., last_relu=...)``, passing only the
-    options the factory takes (a user's backbone made for one size takes neither)."""
+    options the factory takes (:func:`factory_options`)."""
     factory = MODELS[name]
-    params = inspect.signature(factory).parameters
+    params = factory_options(name)
     kwargs = {"image_size": image_size} if "image_size" in params else {}
     if "last_relu" in params:
         kwargs["last_relu"] = last_relu
